@@ -1,0 +1,7 @@
+"""ComfyUI Diffusers Adapters: DreamBooth checkpoints, textual inversion, LoRA and IP-Adapter
+loaders from Hugging Face diffusers, as ComfyUI nodes."""
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+WEB_DIRECTORY = None
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,1 @@
+"""Pure functions on state dicts: key names, shapes, metadata. No pipelines, no ComfyUI, no files."""

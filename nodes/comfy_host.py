@@ -1,0 +1,220 @@
+"""The one module that knows ComfyUI.
+
+Inside ComfyUI it forwards to `folder_paths`, `comfy.utils` and `comfy.model_management`.
+Outside (tests, the headless runner) it falls back to a models root with ComfyUI's folder
+names, a text progress bar and an interrupt flag. Nothing else in the pack imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+try:  # ComfyUI present: these modules are already imported by the host process.
+    import comfy.model_management as _mm
+    import comfy.utils as _cu
+    import folder_paths as _fp
+
+    IN_COMFYUI = True
+except ImportError:  # tests, the command line
+    _mm = _cu = _fp = None
+    IN_COMFYUI = False
+
+PACK_FOLDERS = ("ipadapter", "insightface")
+MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "embeddings", "clip_vision") + PACK_FOLDERS
+MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
+MAX_NAME_LENGTH = 512
+
+
+class ModelPathError(ValueError):
+    """A file name from a workflow that does not name a file inside the model folders."""
+
+
+class Interrupted(Exception):
+    """Raised when the user interrupts a run (outside ComfyUI)."""
+
+
+# ---------------------------------------------------------------- model folders
+_standalone_root: Path | None = None
+
+
+def set_models_root(root: str | os.PathLike) -> None:
+    """Outside ComfyUI: use `root/<folder name>` for every model folder."""
+    global _standalone_root
+    _standalone_root = Path(root).resolve()
+
+
+def register_pack_folders() -> None:
+    """Add the pack's own folders (`models/ipadapter`, `models/insightface`) to ComfyUI,
+    keeping entries that extra_model_paths.yaml or another pack already made."""
+    if not IN_COMFYUI:
+        return
+    for name in PACK_FOLDERS:
+        default = os.path.join(_fp.models_dir, name)
+        _fp.add_model_folder_path(name, default)
+        paths, exts = _fp.folder_names_and_paths[name]
+        if not exts:  # an entry created by add_model_folder_path has no extensions
+            _fp.folder_names_and_paths[name] = (paths, set(MODEL_EXTENSIONS))
+
+
+def folder_roots(folder: str) -> list[Path]:
+    """Folders searched for `folder` ("checkpoints", "loras", ...), in priority order."""
+    if IN_COMFYUI:
+        try:
+            return [Path(p) for p in _fp.get_folder_paths(folder)]
+        except KeyError:
+            return [Path(_fp.models_dir) / folder]
+    root = _standalone_root or Path(os.environ.get("DIFFUSERS_ADAPTERS_MODELS", "models")).resolve()
+    return [root / folder]
+
+
+def list_model_files(folder: str, extensions: tuple[str, ...] = MODEL_EXTENSIONS) -> list[str]:
+    """Relative names (forward slashes) of the files in a model folder, subfolders included."""
+    names: set[str] = set()
+    for root in folder_roots(folder):
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in filenames:
+                if f.lower().endswith(extensions):
+                    names.add((Path(dirpath) / f).relative_to(root).as_posix())
+    return sorted(names, key=str.lower)
+
+
+def list_model_dirs(folder: str, marker: str) -> list[str]:
+    """Relative names of the subfolders of a model folder that contain `marker`."""
+    names: set[str] = set()
+    for root in folder_roots(folder):
+        if not root.is_dir():
+            continue
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            if marker in filenames:
+                names.add(Path(dirpath).relative_to(root).as_posix())
+                dirnames[:] = []
+    return sorted(names, key=str.lower)
+
+
+def _clean_name(name: str) -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise ModelPathError("No file name was given.")
+    if "\x00" in name or len(name) > MAX_NAME_LENGTH:
+        raise ModelPathError(f"Refused file name {name[:80]!r}: it contains a NUL byte or is too long.")
+    name = name.replace("\\", "/")  # workflows saved on Windows
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
+        raise ModelPathError(
+            f"Refused file name {name!r}: names must be relative to a model folder, without '..'."
+        )
+    return name
+
+
+def resolve_model_path(folder: str, name: str, want_dir: bool = False) -> Path:
+    """The full path of `name` inside the model folder `folder`.
+
+    Refuses anything that could reach outside the model folders: absolute paths, `..`, NUL
+    bytes, and symlinks whose target leaves the folder.
+    """
+    clean = _clean_name(name)
+    roots = folder_roots(folder)
+    for root in roots:
+        candidate = root / clean
+        if not (candidate.is_dir() if want_dir else candidate.is_file()):
+            continue
+        real_root, real = root.resolve(), candidate.resolve()
+        if real != real_root and real_root not in real.parents:
+            raise ModelPathError(f"Refused {name!r}: it is a link that leads outside {root}.")
+        return real
+    kind = "folder" if want_dir else "file"
+    where = ", ".join(str(r) for r in roots)
+    raise FileNotFoundError(
+        f"The {kind} {name!r} was not found in the '{folder}' model folder ({where}). "
+        f"Put it there, or pick one of the listed names."
+    )
+
+
+# ---------------------------------------------------------------- progress and interruption
+_interrupt = threading.Event()
+
+
+def request_interrupt(value: bool = True) -> None:
+    """Outside ComfyUI: ask the running job to stop at the next step."""
+    if value:
+        _interrupt.set()
+    else:
+        _interrupt.clear()
+
+
+def check_interrupted() -> None:
+    """Raise the host's interrupt exception if the user asked to stop."""
+    if IN_COMFYUI:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("Interrupted by the user.")
+
+
+class _TextProgressBar:
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        self.total = total or self.total
+        width = 30
+        done = int(width * value / max(self.total, 1))
+        end = "\n" if value >= self.total else ""
+        print(f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {value}/{self.total}", end=end, file=sys.stderr)
+
+
+def progress_bar(total: int, label: str = "sampling") -> Any:
+    """A progress bar with `update_absolute(value, total, preview)`."""
+    if IN_COMFYUI:
+        return _cu.ProgressBar(total)
+    if os.environ.get("DIFFUSERS_ADAPTERS_QUIET"):
+        return _QuietProgressBar()
+    return _TextProgressBar(total, label)
+
+
+class _QuietProgressBar:
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        pass
+
+
+def step_hook(total: int, preview_fn: Callable[[Any], Any] | None = None) -> Callable[[int, Any], None]:
+    """A per-step callback: checks for interruption, then advances a progress bar."""
+    bar = progress_bar(total)
+
+    def on_step(step: int, latents: Any) -> None:
+        check_interrupted()
+        preview = preview_fn(latents) if (preview_fn is not None and IN_COMFYUI) else None
+        bar.update_absolute(step, total, preview)
+
+    return on_step
+
+
+# ---------------------------------------------------------------- devices and memory
+def free_host_memory() -> None:
+    """Inside ComfyUI, unload ComfyUI's own models before a pipeline goes to the GPU."""
+    if IN_COMFYUI:
+        _mm.unload_all_models()
+        _mm.soft_empty_cache()
+
+
+def output_directory() -> Path:
+    if IN_COMFYUI:
+        return Path(_fp.get_output_directory())
+    return Path(os.environ.get("DIFFUSERS_ADAPTERS_OUTPUT", "output")).resolve()
+
+
+def input_directory() -> Path:
+    if IN_COMFYUI:
+        return Path(_fp.get_input_directory())
+    return Path(os.environ.get("DIFFUSERS_ADAPTERS_INPUT", "input")).resolve()
+
+
+def set_io_directories(input_dir: str | os.PathLike, output_dir: str | os.PathLike) -> None:
+    """Outside ComfyUI: where stand-in LoadImage reads and SaveImage writes."""
+    os.environ["DIFFUSERS_ADAPTERS_INPUT"] = str(Path(input_dir).resolve())
+    os.environ["DIFFUSERS_ADAPTERS_OUTPUT"] = str(Path(output_dir).resolve())
