@@ -1,7 +1,15 @@
 """ComfyUI nodes (V1 dict API). Thin: they resolve files, validate, and call loaders/."""
 
 from . import comfy_host
+from .common import node_id
+from .load_dreambooth import LoadDreamBooth
+from .sampler import Sampler
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+_NODES = {
+    LoadDreamBooth: "Load DreamBooth Checkpoint (Diffusers)",
+    Sampler: "Diffusers Sampler",
+}
+
+NODE_CLASS_MAPPINGS = {node_id(cls.__name__): cls for cls in _NODES}
+NODE_DISPLAY_NAME_MAPPINGS = {node_id(cls.__name__): name for cls, name in _NODES.items()}
 comfy_host.register_pack_folders()

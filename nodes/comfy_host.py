@@ -165,7 +165,11 @@ class _TextProgressBar:
         width = 30
         done = int(width * value / max(self.total, 1))
         end = "\n" if value >= self.total else ""
-        print(f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {value}/{self.total}", end=end, file=sys.stderr)
+        print(
+            f"\r{self.label} [{'#' * done}{'.' * (width - done)}] {value}/{self.total}",
+            end=end,
+            file=sys.stderr,
+        )
 
 
 def progress_bar(total: int, label: str = "sampling") -> Any:

@@ -1,0 +1,93 @@
+"""Command line: run ComfyUI workflows with this pack's nodes, without ComfyUI.
+
+    python cli.py run WORKFLOW.json --models DIR [--input DIR] [--output DIR]
+    python cli.py demo [--output DIR]
+
+ComfyUI does not import this file; it loads the pack from its folder the way ComfyUI does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PACK_NAME = "comfyui_diffusers_adapters"
+
+
+def load_pack(name: str = PACK_NAME):
+    """Import the pack by file location, as a package, like ComfyUI and tests/conftest.py do."""
+    # The pack's folders (nodes, loaders, ...) must not be importable as top-level modules.
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(args: argparse.Namespace) -> int:
+    pack = load_pack()
+    comfy_host = importlib.import_module(f"{PACK_NAME}.nodes.comfy_host")
+    runner_mod = importlib.import_module(f"{PACK_NAME}.headless.runner")
+    standins = importlib.import_module(f"{PACK_NAME}.headless.standin_nodes")
+
+    workflow = json.loads(Path(args.workflow).read_text(encoding="utf-8"))
+    comfy_host.set_models_root(args.models)
+    comfy_host.set_io_directories(args.input, args.output)
+    node_classes = {**standins.STANDIN_NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
+    runner = runner_mod.WorkflowRunner(node_classes)
+    try:
+        results = runner.run(workflow)
+    except runner_mod.WorkflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except comfy_host.Interrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    for node_id, result in results.items():
+        for entry in (result.get("ui") or {}).get("images", []):
+            path = standins.image_path(entry)
+            print(path if entry.get("type") == "output" else f"{path} (preview, node {node_id})")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    load_pack()
+    demo = importlib.import_module(f"{PACK_NAME}.headless.demo")
+    result = demo.run_demo(Path(args.output))
+    if isinstance(result, (list, tuple)):
+        for item in result:
+            print(item)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a workflow JSON (UI or API format)")
+    run.add_argument("workflow", help="workflow .json, as saved or exported by ComfyUI")
+    run.add_argument(
+        "--models", required=True, help="models folder with ComfyUI's subfolders (checkpoints, loras, ...)"
+    )
+    run.add_argument("--input", default="input", help="folder LoadImage reads from (default: ./input)")
+    run.add_argument("--output", default="output", help="folder SaveImage writes to (default: ./output)")
+    run.set_defaults(func=_run)
+    demo = sub.add_parser("demo", help="build small built-in models and run the example workflow")
+    demo.add_argument("--output", default="demo_output", help="output folder (default: ./demo_output)")
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,426 @@
+"""Execute a ComfyUI workflow with V1 node classes, the way ComfyUI's executor does.
+
+* Only nodes that an output node (`OUTPUT_NODE = True`) depends on run, upstream first.
+* Inputs are validated before anything runs (missing required inputs, link types, INT/FLOAT
+  ranges, combo values, `VALIDATE_INPUTS`); every problem is reported in one error.
+* Outputs are cached across runs of the same runner, keyed by the node class, its input
+  values, its upstream signatures and its `IS_CHANGED` result: a re-run executes only what
+  changed. Like ComfyUI's default cache, only the entries of the latest workflow are kept.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..nodes import comfy_host
+from .ui_workflow import WorkflowError, input_specs, is_combo, is_ui_workflow, ui_to_api
+
+log = logging.getLogger(__name__)
+
+__all__ = ["WorkflowError", "WorkflowValidationError", "WorkflowRunner"]
+
+
+class WorkflowValidationError(WorkflowError):
+    """The workflow failed validation; `problems` lists one line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("The workflow is not valid:\n" + "\n".join(f"- {p}" for p in self.problems))
+
+
+_CONVERTERS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
+
+
+def _is_link(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+
+
+def _sort_key(node_id: str):
+    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+
+
+class _Unhashable:
+    """Stands for a value that cannot be compared: never equal to anything (always re-run)."""
+
+    __slots__ = ()
+
+
+def _hashable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return (type(value).__name__, value)
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_hashable(v) for v in value))
+    if isinstance(value, Mapping):
+        items = sorted(((str(k), _hashable(v)) for k, v in value.items()), key=lambda kv: kv[0])
+        return ("map", tuple(items))
+    return _Unhashable()
+
+
+class _Signature:
+    """A node's cache key; hashes once, so nested upstream signatures stay cheap."""
+
+    __slots__ = ("key", "_hash")
+
+    def __init__(self, key: tuple) -> None:
+        self.key = key
+        self._hash = hash(key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Signature) and self._hash == other._hash and self.key == other.key
+        )
+
+
+class _CacheEntry:
+    __slots__ = ("outputs", "ui")
+
+    def __init__(self, outputs: tuple, ui: dict | None) -> None:
+        self.outputs, self.ui = outputs, ui
+
+
+def _validate_node_input(received: Any, expected: Any) -> bool:
+    """ComfyUI's link type check: equal, '*', a combo list, or overlapping 'A,B' unions."""
+    if received == expected or received == "*" or expected == "*":
+        return True
+    if isinstance(received, (list, tuple)) and expected == "COMBO":
+        return True
+    if not isinstance(received, str) or not isinstance(expected, str):
+        return False
+    left = {t.strip() for t in received.split(",")}
+    right = {t.strip() for t in expected.split(",")}
+    return "*" in left or "*" in right or bool(left & right)
+
+
+def _function_params(fn: Any) -> tuple[set[str], bool]:
+    """The parameter names of a (bound) callable and whether it takes **kwargs."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+class WorkflowRunner:
+    """Runs API- or UI-format workflows with the given node classes (`NODE_CLASS_MAPPINGS`)."""
+
+    def __init__(self, node_classes: Mapping[str, type]) -> None:
+        self.node_classes = dict(node_classes)
+        self._cache: dict[_Signature, _CacheEntry] = {}
+        self._objects: dict[tuple[str, str], Any] = {}
+        self.executed: list[str] = []  # node ids executed by the last run (not from cache)
+
+    # ------------------------------------------------------------ entry point
+    def run(self, workflow: Mapping, extra_pnginfo: dict | None = None) -> dict[str, dict]:
+        """Run a workflow; returns `{node_id: {"ui": dict, "result": tuple}}` for every output
+        node and every node that returned a `ui` dict, cached ones included."""
+        if is_ui_workflow(workflow):
+            prompt = ui_to_api(workflow, self.node_classes)
+            if extra_pnginfo is None:
+                extra_pnginfo = {"workflow": workflow}
+        else:
+            prompt = copy.deepcopy(dict(workflow))
+        self.executed = []
+        order = self._validate(prompt)
+        extra = {"prompt": copy.deepcopy(prompt), "extra_pnginfo": extra_pnginfo}
+
+        signatures = self._signatures(prompt, order, extra)
+        wanted = set(signatures.values())
+        self._cache = {sig: entry for sig, entry in self._cache.items() if sig in wanted}
+        live = {(nid, prompt[nid]["class_type"]) for nid in order}
+        self._objects = {k: v for k, v in self._objects.items() if k in live}
+
+        outputs: dict[str, tuple] = {}
+        results: dict[str, dict] = {}
+        for node_id in order:
+            class_type = prompt[node_id]["class_type"]
+            node_class = self.node_classes[class_type]
+            signature = signatures[node_id]
+            entry = self._cache.get(signature)
+            if entry is None:
+                comfy_host.check_interrupted()
+                entry = self._execute(node_id, prompt[node_id], node_class, outputs, extra)
+                self._cache[signature] = entry
+                self.executed.append(node_id)
+            outputs[node_id] = entry.outputs
+            if getattr(node_class, "OUTPUT_NODE", False) or entry.ui is not None:
+                results[node_id] = {"ui": entry.ui or {}, "result": entry.outputs}
+        return results
+
+    # ------------------------------------------------------------ validation
+    def _validate(self, prompt: dict) -> list[str]:
+        """Validate; returns the node ids to execute in topological order."""
+        problems: list[str] = []
+        for node_id, node in prompt.items():
+            if not isinstance(node, Mapping) or "class_type" not in node:
+                problems.append(f"Node {node_id}: it has no class_type.")
+            elif node["class_type"] not in self.node_classes:
+                problems.append(f"Node {node_id}: unknown node type {node['class_type']!r}.")
+            elif not isinstance(node.get("inputs", {}), Mapping):
+                problems.append(f"Node {node_id} ({node['class_type']}): 'inputs' is not a mapping.")
+        if problems:
+            raise WorkflowValidationError(problems)
+        for node in prompt.values():
+            node.setdefault("inputs", {})
+
+        output_ids = sorted(
+            (
+                nid
+                for nid, n in prompt.items()
+                if getattr(self.node_classes[n["class_type"]], "OUTPUT_NODE", False)
+            ),
+            key=_sort_key,
+        )
+        if not output_ids:
+            raise WorkflowValidationError(
+                ["The workflow has no output node (such as SaveImage or PreviewImage)."]
+            )
+
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = visiting, 2 = done
+
+        def visit(node_id: str, path: list[str]) -> None:
+            if state.get(node_id) == 2:
+                return
+            if state.get(node_id) == 1:
+                cycle = " -> ".join(path[path.index(node_id) :] + [node_id])
+                raise WorkflowValidationError([f"The workflow has a cycle: {cycle}."])
+            state[node_id] = 1
+            inputs = prompt[node_id]["inputs"]
+            for name in sorted(inputs):
+                value = inputs[name]
+                if _is_link(value) and str(value[0]) in prompt:
+                    value[0] = str(value[0])
+                    visit(value[0], path + [node_id])
+            state[node_id] = 2
+            order.append(node_id)
+
+        for node_id in output_ids:
+            visit(node_id, [])
+
+        for node_id in order:
+            problems.extend(self._validate_node(prompt, node_id))
+        if problems:
+            raise WorkflowValidationError(problems)
+        return order
+
+    def _validate_node(self, prompt: dict, node_id: str) -> list[str]:
+        node = prompt[node_id]
+        class_type = node["class_type"]
+        node_class = self.node_classes[class_type]
+        where = f"Node {node_id} ({class_type})"
+        if getattr(node_class, "INPUT_IS_LIST", False) or any(
+            getattr(node_class, "OUTPUT_IS_LIST", None) or ()
+        ):
+            raise NotImplementedError(
+                f"{where}: INPUT_IS_LIST / OUTPUT_IS_LIST nodes are not supported by the headless runner."
+            )
+        inputs = node["inputs"]
+        problems: list[str] = []
+        validate_fn = getattr(node_class, "VALIDATE_INPUTS", None)
+        validate_params, validate_kwargs = _function_params(validate_fn) if validate_fn else (set(), False)
+        received_types: dict[str, Any] = {}
+        try:
+            specs = input_specs(node_class)
+        except Exception as exc:
+            return [f"{where}: INPUT_TYPES failed: {exc}"]
+
+        for category, name, input_type, options in specs:
+            if name not in inputs:
+                if category == "required":
+                    problems.append(f"{where}: required input '{name}' is missing.")
+                continue
+            value = inputs[name]
+            if isinstance(value, list):
+                if not _is_link(value):
+                    problems.append(
+                        f"{where}: input '{name}' is a bad link {value!r}; expected [node_id, slot]."
+                    )
+                    continue
+                origin = prompt.get(value[0])
+                if origin is None:
+                    problems.append(
+                        f"{where}: input '{name}' links to node {value[0]}, which is not in the workflow."
+                    )
+                    continue
+                return_types = getattr(self.node_classes[origin["class_type"]], "RETURN_TYPES", ())
+                if not 0 <= value[1] < len(return_types):
+                    problems.append(
+                        f"{where}: input '{name}' links to output {value[1]} of node {value[0]} "
+                        f"({origin['class_type']}), which has {len(return_types)} outputs."
+                    )
+                    continue
+                received = return_types[value[1]]
+                received_types[name] = received
+                if "input_types" not in validate_params and not _validate_node_input(received, input_type):
+                    problems.append(
+                        f"{where}: input '{name}' expects {input_type} but node {value[0]} "
+                        f"({origin['class_type']}) output {value[1]} is {received}."
+                    )
+                continue
+            if isinstance(value, Mapping) and "__value__" in value:
+                value = inputs[name] = value["__value__"]
+            try:
+                convert = _CONVERTERS.get(input_type) if isinstance(input_type, str) else None
+                if convert is not None:
+                    value = inputs[name] = convert(value)
+            except (TypeError, ValueError, OverflowError) as exc:
+                problems.append(f"{where}: input '{name}': cannot convert {value!r} to {input_type} ({exc}).")
+                continue
+            if name in validate_params or validate_kwargs:
+                continue  # the class validates this input itself
+            if "min" in options and value < options["min"]:
+                problems.append(
+                    f"{where}: input '{name}': value {value} is smaller than the minimum {options['min']}."
+                )
+                continue
+            if "max" in options and value > options["max"]:
+                problems.append(
+                    f"{where}: input '{name}': value {value} is bigger than the maximum {options['max']}."
+                )
+                continue
+            if is_combo(input_type):
+                choices = input_type if input_type != "COMBO" else options.get("options") or []
+                if value not in choices:
+                    listed = f"{len(choices)} choices" if len(choices) > 20 else repr(list(choices))
+                    problems.append(f"{where}: input '{name}': {value!r} is not one of {listed}.")
+
+        if validate_fn is not None and (validate_params or validate_kwargs):
+            args = self._constant_inputs(node_id, node, node_class, prompt, None)
+            args = {k: v for k, v in args.items() if k in validate_params or validate_kwargs}
+            if "input_types" in validate_params:
+                args["input_types"] = received_types
+            try:
+                verdict = validate_fn(**args)
+            except Exception as exc:
+                problems.append(f"{where}: VALIDATE_INPUTS raised {type(exc).__name__}: {exc}")
+            else:
+                if verdict is not True:
+                    detail = (
+                        "custom validation failed" if verdict is False or verdict is None else str(verdict)
+                    )
+                    problems.append(f"{where}: {detail}")
+        return problems
+
+    # ------------------------------------------------------------ inputs and signatures
+    @staticmethod
+    def _hidden_inputs(node_id: str, node_class: type, extra: dict) -> dict[str, Any]:
+        hidden = (node_class.INPUT_TYPES().get("hidden") or {}).items()
+        values: dict[str, Any] = {}
+        for name, kind in hidden:
+            kind = kind[0] if isinstance(kind, (tuple, list)) else kind
+            if kind == "PROMPT":
+                values[name] = extra["prompt"]
+            elif kind == "EXTRA_PNGINFO":
+                values[name] = extra["extra_pnginfo"]
+            elif kind == "UNIQUE_ID":
+                values[name] = node_id
+            elif kind == "DYNPROMPT":
+                values[name] = None
+        return values
+
+    def _constant_inputs(self, node_id, node, node_class, prompt, extra) -> dict[str, Any]:
+        """Declared inputs with links replaced by None, plus hidden ones (what ComfyUI hands to
+        IS_CHANGED and VALIDATE_INPUTS)."""
+        declared = {name for _, name, _, _ in input_specs(node_class)}
+        values = {k: (None if _is_link(v) else v) for k, v in node["inputs"].items() if k in declared}
+        values.update(
+            self._hidden_inputs(node_id, node_class, extra or {"prompt": prompt, "extra_pnginfo": None})
+        )
+        return values
+
+    def _signatures(self, prompt: dict, order: list[str], extra: dict) -> dict[str, _Signature]:
+        canonical = {sig: sig for sig in self._cache}
+        signatures: dict[str, _Signature] = {}
+        for node_id in order:
+            node = prompt[node_id]
+            node_class = self.node_classes[node["class_type"]]
+            parts: list[Any] = [
+                node["class_type"],
+                self._is_changed(node_id, node, node_class, prompt, extra),
+            ]
+            hidden_kinds = (node_class.INPUT_TYPES().get("hidden") or {}).values()
+            if getattr(node_class, "NOT_IDEMPOTENT", False) or "UNIQUE_ID" in hidden_kinds:
+                parts.append(("node", node_id))
+            for name in sorted(node["inputs"]):
+                value = node["inputs"][name]
+                if _is_link(value):
+                    parts.append((name, "link", signatures[value[0]], value[1]))
+                else:
+                    parts.append((name, _hashable(value)))
+            sig = _Signature(tuple(parts))
+            signatures[node_id] = canonical.setdefault(sig, sig)
+        return signatures
+
+    def _is_changed(self, node_id, node, node_class, prompt, extra) -> Any:
+        is_changed = getattr(node_class, "IS_CHANGED", None)
+        if is_changed is None:
+            return False
+        try:
+            value = is_changed(**self._constant_inputs(node_id, node, node_class, prompt, extra))
+        except Exception as exc:
+            log.warning(
+                "Node %s (%s): IS_CHANGED failed (%s); it will run again.", node_id, node["class_type"], exc
+            )
+            return _Unhashable()
+        if isinstance(value, float) and math.isnan(value):
+            return _Unhashable()
+        return _hashable(value)
+
+    # ------------------------------------------------------------ execution
+    def _execute(self, node_id: str, node: dict, node_class: type, outputs: dict, extra: dict) -> _CacheEntry:
+        class_type = node["class_type"]
+        where = f"Node {node_id} ({class_type})"
+        specs = {name: options for _, name, _, options in input_specs(node_class)}
+        kwargs: dict[str, Any] = {}
+        for name, value in node["inputs"].items():
+            if name not in specs:
+                continue
+            if _is_link(value) and not specs[name].get("rawLink"):
+                upstream = outputs[value[0]]
+                if value[1] >= len(upstream):
+                    raise WorkflowError(
+                        f"{where}: input '{name}' wants output {value[1]} of node {value[0]}, "
+                        f"which returned {len(upstream)} outputs."
+                    )
+                value = upstream[value[1]]
+            kwargs[name] = value
+        kwargs.update(self._hidden_inputs(node_id, node_class, extra))
+
+        key = (node_id, class_type)
+        try:
+            obj = self._objects.get(key)
+            if obj is None:
+                obj = self._objects[key] = node_class()
+            returned = getattr(obj, node_class.FUNCTION)(**kwargs)
+        except comfy_host.Interrupted:
+            raise
+        except Exception as exc:
+            message = str(exc) or type(exc).__name__
+            raise WorkflowError(f"{where}: {message}") from exc
+
+        ui = None
+        if isinstance(returned, Mapping):
+            if "expand" in returned:
+                raise NotImplementedError(
+                    f"{where}: node expansion ('expand') is not supported by the headless runner."
+                )
+            ui = returned.get("ui")
+            result = returned.get("result", ())
+        else:
+            result = returned
+        if result is None and not getattr(node_class, "RETURN_TYPES", ()):
+            result = ()
+        if not isinstance(result, (tuple, list)):
+            raise WorkflowError(
+                f"{where}: the node returned {type(result).__name__}, expected a tuple of outputs."
+            )
+        return _CacheEntry(tuple(result), ui)

@@ -1,0 +1,277 @@
+"""Loading base pipelines (single-file checkpoints and diffusers folders), fully offline, cached.
+
+Single files: the configs come from the weights (converters.checkpoint_layout), the key renaming
+from diffusers' own single-file converters, the tokenizers from the vocabulary the pack ships.
+Modules are built on the meta device and take the converted tensors by assignment, one component
+at a time, so peak memory stays near the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    convert_open_clip_checkpoint,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from ..converters import checkpoint_layout as layout
+from ..converters.training_metadata import summarize
+from .model_files import ModelFile, open_model_file
+from .schedulers import default_scheduler
+from .tokenizers import END_OF_TEXT, OPEN_CLIP_PAD, clip_tokenizer
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PREDICTIONS = ("auto", "epsilon", "v_prediction")
+CACHE_SIZE = 2
+
+
+class BaseModelError(ValueError):
+    """A base model that cannot be loaded (wrong kind of file, unsupported family)."""
+
+
+@dataclass(eq=False)
+class BaseModel:
+    """One loaded base pipeline, shared by every handle that refers to it.
+
+    Only the sampler touches `pipe`, under `lock`; `applied` records which adapters it carries.
+    """
+
+    pipe: DiffusionPipeline
+    family: str
+    source: str
+    dtype: torch.dtype
+    device: torch.device
+    prediction: str
+    info: str = ""
+    lock: threading.RLock = field(default_factory=threading.RLock)
+    applied: tuple = ()  # adapter specs currently applied to `pipe`, in order
+    undos: list = field(default_factory=list)  # their removal functions
+
+    @property
+    def family_name(self) -> str:
+        return layout.FAMILY_NAMES[self.family]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BaseModelError("device 'cuda' was chosen but no CUDA GPU is available; choose 'auto' or 'cpu'.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise BaseModelError(
+            "device 'mps' was chosen but Apple MPS is not available; choose 'auto' or 'cpu'."
+        )
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if dtype not in DTYPES:
+        raise BaseModelError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------- single-file checkpoints
+def _build(
+    cls: type, config: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dtype
+) -> torch.nn.Module:
+    """Build `cls` on the meta device and assign the converted tensors (no second copy)."""
+    with init_empty_weights(include_buffers=False):
+        module = cls(config) if isinstance(config, CLIPTextConfig) else cls(**config)
+    state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+    missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
+    if missing or unexpected:
+        raise BaseModelError(
+            f"The checkpoint's {cls.__name__} weights do not match its layout: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+        )
+    return module.eval().requires_grad_(False)
+
+
+def _clip_state(converted: dict[str, torch.Tensor], model: torch.nn.Module, layers: int) -> dict:
+    """Adapt diffusers' converted CLIP keys to the module at hand: transformers 5's CLIPTextModel has
+    no `text_model.` level, older versions and CLIPTextModelWithProjection do. Drops what the module
+    does not have (logit scale, SD2's unused last layer, a projection on a plain text model)."""
+    wanted = set(model.state_dict())
+    nested = any(k.startswith("text_model.") for k in wanted)
+    out = {}
+    for k, v in converted.items():
+        if not k.startswith(("text_model.", "text_projection.")):
+            k = "text_model." + k
+        parts = k.split(".")
+        if parts[1:3] == ["encoder", "layers"] and int(parts[3]) >= layers:
+            continue  # SD2: the last OpenCLIP layer is not used
+        if not nested and k.startswith("text_model."):
+            k = k[len("text_model.") :]
+        if k in wanted:
+            out[k] = v
+    return out
+
+
+def _text_encoder(file: ModelFile, config: dict, prefix: str, open_clip: bool, dtype: torch.dtype):
+    cls = CLIPTextModelWithProjection if prefix == layout.SDXL_CLIP_G else CLIPTextModel
+    te_config = CLIPTextConfig(**config)
+    with init_empty_weights():
+        meta_model = cls(te_config)
+    sub = file.read(k for k in file.shapes if k.startswith(prefix))
+    if open_clip:
+        converted = convert_open_clip_checkpoint(meta_model, sub, prefix=prefix)
+    else:
+        converted = convert_ldm_clip_checkpoint(sub, remove_prefix=prefix)
+    del sub
+    return _build(cls, te_config, _clip_state(converted, meta_model, config["num_hidden_layers"]), dtype)
+
+
+def _detect_prediction(file: ModelFile, family: str) -> str:
+    if "v_pred" in file.shapes:
+        return "v_prediction"
+    # ComfyUI's heuristic for SD2: v-prediction models have a wide spread in this bias.
+    if family == "sd2" and layout.V_PREDICTION_PROBE in file.shapes:
+        probe = file.read([layout.V_PREDICTION_PROBE])[layout.V_PREDICTION_PROBE].float()
+        return "v_prediction" if torch.std(probe, unbiased=False) > 0.09 else "epsilon"
+    return "epsilon"
+
+
+def load_single_file(
+    path: Path, dtype: torch.dtype, prediction: str = "auto"
+) -> tuple[DiffusionPipeline, str, str, str]:
+    """A diffusers pipeline from an original-layout checkpoint: (pipe, family, prediction, info)."""
+    file = open_model_file(path)
+    try:
+        configs = layout.infer_configs(file.shapes)
+    except layout.CheckpointFormatError as e:
+        raise BaseModelError(f"{path.name}: {e}") from e
+    family = configs.family
+    if prediction == "auto":
+        prediction = _detect_prediction(file, family)
+
+    unet_sd = file.read(k for k in file.shapes if k.startswith(layout.UNET))
+    unet = _build(
+        UNet2DConditionModel, configs.unet, convert_ldm_unet_checkpoint(unet_sd, configs.unet), dtype
+    )
+    del unet_sd
+    vae_sd = file.read(k for k in file.shapes if k.startswith(layout.VAE))
+    vae = _build(AutoencoderKL, configs.vae, convert_ldm_vae_checkpoint(vae_sd, configs.vae), dtype)
+    del vae_sd
+    scheduler = default_scheduler(family, prediction)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(file, configs.text_encoder, layout.SDXL_CLIP_L, False, dtype),
+            text_encoder_2=_text_encoder(file, configs.text_encoder_2, layout.SDXL_CLIP_G, True, dtype),
+            tokenizer=clip_tokenizer(END_OF_TEXT),
+            tokenizer_2=clip_tokenizer(OPEN_CLIP_PAD),
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+            add_watermarker=False,
+        )
+    else:
+        open_clip = family == "sd2"
+        prefix = layout.SD2_CLIP if open_clip else layout.SD1_CLIP
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=_text_encoder(file, configs.text_encoder, prefix, open_clip, dtype),
+            tokenizer=clip_tokenizer(OPEN_CLIP_PAD if open_clip else END_OF_TEXT),
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family, prediction, summarize(file.metadata)
+
+
+# ---------------------------------------------------------------- diffusers folders
+def family_of_pipeline(pipe: DiffusionPipeline) -> str:
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        return "sdxl"
+    if isinstance(pipe, StableDiffusionPipeline):
+        return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
+    raise BaseModelError(
+        f"{type(pipe).__name__} folders are not supported; use a Stable Diffusion 1.x, 2.x or SDXL model."
+    )
+
+
+def load_diffusers_folder(folder: Path, dtype: torch.dtype, prediction: str = "auto"):
+    if not (folder / "model_index.json").is_file():
+        raise BaseModelError(f"{folder.name} is not a diffusers model folder (no model_index.json).")
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            folder, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError, TypeError) as e:
+        raise BaseModelError(f"Could not load the diffusers folder {folder.name}: {e}") from e
+    family = family_of_pipeline(pipe)
+    if prediction != "auto":
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, family, pipe.scheduler.config.get("prediction_type", "epsilon"), ""
+
+
+# ---------------------------------------------------------------- cache
+_cache: OrderedDict[tuple, BaseModel] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def _source_key(path: Path) -> tuple:
+    """Identity of a file or folder on disk: a changed file reloads."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+def load_base_model(
+    path: Path, dtype: str = "auto", device: str = "auto", prediction: str = "auto"
+) -> BaseModel:
+    """The cached base model for (file, dtype, device, prediction), loading it on a miss."""
+    if prediction not in PREDICTIONS:
+        raise BaseModelError(
+            f"Unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}."
+        )
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    key = (str(path), _source_key(path), torch_dtype, str(dev), prediction)
+    with _cache_lock:
+        if key in _cache:
+            _cache.move_to_end(key)
+            return _cache[key]
+        # A file changed on disk: forget its stale entries before loading the new one.
+        for stale in [k for k in _cache if k[0] == str(path)]:
+            del _cache[stale]
+        loader = load_diffusers_folder if path.is_dir() else load_single_file
+        pipe, family, pred, info = loader(path, torch_dtype, prediction)
+        pipe.to(dev)
+        base = BaseModel(pipe, family, str(path), torch_dtype, dev, pred, info)
+        _cache[key] = base
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)
+        return base
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()

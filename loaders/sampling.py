@@ -1,0 +1,115 @@
+"""One sampling run of a Stable Diffusion pipeline with ComfyUI's conventions: prompts encoded
+ComfyUI-style (long prompts chunked, `(text:1.2)` weights), seeds drawn on the CPU so the same
+seed gives the same image on any device, a callback every step for progress and interruption."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+
+from .prompt_encoding import encode_prompt, pad_to_same_length
+from .schedulers import make_scheduler
+
+StepCallback = Callable[[int, torch.Tensor], None]
+
+# Latent → RGB projections for cheap previews (the factors ComfyUI publishes for SD1.x/SDXL).
+_PREVIEW_FACTORS = {
+    "sd": (
+        [
+            [0.3512, 0.2297, 0.3227],
+            [0.3250, 0.4974, 0.2350],
+            [-0.2829, 0.1762, 0.2721],
+            [-0.2120, -0.2616, -0.7177],
+        ],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [
+            [0.3651, 0.4232, 0.4341],
+            [-0.2533, -0.0042, 0.1068],
+            [0.1076, 0.1111, -0.0362],
+            [-0.3165, -0.2492, -0.2188],
+        ],
+        [0.1084, -0.0175, -0.0011],
+    ),
+}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    positive: str
+    negative: str = ""
+    seed: int = 0
+    steps: int = 20
+    cfg: float = 7.0
+    width: int = 512
+    height: int = 512
+    batch_size: int = 1
+    sampler_name: str = "euler"
+    scheduler: str = "normal"
+    clip_skip: int = -1
+
+
+def latent_preview(latents: torch.Tensor, family: str) -> torch.Tensor:
+    """A rough [H/8, W/8, 3] uint8 preview of the first latent in the batch."""
+    factors, bias = _PREVIEW_FACTORS["sdxl" if family == "sdxl" else "sd"]
+    rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), torch.tensor(factors)) + torch.tensor(bias)
+    return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
+
+
+def _encoders(pipe: DiffusionPipeline) -> tuple[list, list]:
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "tokenizer_2", None) else [])
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
+    return tokenizers, encoders
+
+
+def encode_conditioning(pipe: DiffusionPipeline, s: SamplingSettings) -> dict:
+    """Prompt embeddings in the keyword arguments diffusers pipelines take."""
+    tokenizers, encoders = _encoders(pipe)
+    pos = encode_prompt(s.positive, tokenizers, encoders, s.clip_skip)
+    neg = encode_prompt(s.negative, tokenizers, encoders, s.clip_skip)
+    pos_embeds, neg_embeds = pad_to_same_length(pos.embeds, neg.embeds)
+    kwargs = {"prompt_embeds": pos_embeds, "negative_prompt_embeds": neg_embeds}
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        neg_pooled = neg.pooled
+        if not s.negative.strip() and pipe.config.force_zeros_for_empty_prompt:
+            # As diffusers' SDXL pipeline does for an empty negative prompt.
+            kwargs["negative_prompt_embeds"] = torch.zeros_like(pos_embeds)
+            neg_pooled = torch.zeros_like(pos.pooled)
+        kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg_pooled)
+    return kwargs
+
+
+def sample(pipe: DiffusionPipeline, s: SamplingSettings, on_step: StepCallback | None = None) -> torch.Tensor:
+    """Images as ComfyUI IMAGE: float32 [batch, height, width, 3] in 0..1, on the CPU.
+
+    The pipeline's scheduler is swapped for this run only and restored afterwards, also when
+    `on_step` raises (interruption)."""
+    scheduler = make_scheduler(s.sampler_name, s.scheduler, dict(pipe.scheduler.config))
+    conditioning = encode_conditioning(pipe, s)
+
+    def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
+        if on_step is not None:
+            on_step(step + 1, tensors["latents"])
+        return tensors
+
+    original_scheduler = pipe.scheduler
+    pipe.scheduler = scheduler
+    try:
+        out = pipe(
+            **conditioning,
+            num_inference_steps=s.steps,
+            guidance_scale=s.cfg,
+            width=s.width,
+            height=s.height,
+            num_images_per_prompt=s.batch_size,
+            generator=torch.Generator("cpu").manual_seed(s.seed),
+            callback_on_step_end=step_end,
+            output_type="pt",
+        )
+    finally:
+        pipe.scheduler = original_scheduler
+    return out.images.permute(0, 2, 3, 1).float().cpu().contiguous()

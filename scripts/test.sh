@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the lint and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+.venv/bin/ruff check .
+.venv/bin/python -m pytest "$@"
