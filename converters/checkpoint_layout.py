@@ -110,14 +110,14 @@ def _unet_config(shapes: Shapes, family: str, text_dims: tuple[int, int | None])
         if block + "1.proj_in.weight" in shapes:
             level["attn"] = True
             level["depth"] = len(_indices(shapes, re.escape(block) + r"1\.transformer_blocks\.(\d+)\."))
-            proj_in = shapes[block + "1.proj_in.weight"]
+    proj_in = next((shapes[k] for k in shapes if k.startswith(p) and k.endswith("1.proj_in.weight")), None)
     layers = {lv["res"] for lv in levels}
     if len(layers) != 1:
         raise CheckpointFormatError(f"Unsupported UNet layout: levels have different block counts {layers}.")
     channels = [lv["ch"] for lv in levels]
     mid_depth = len(_indices(shapes, re.escape(p) + r"middle_block\.1\.transformer_blocks\.(\d+)\."))
     attn_keys = [k for k in shapes if k.startswith(p) and k.endswith("attn2.to_k.weight")]
-    if not attn_keys:
+    if not attn_keys or proj_in is None:
         raise CheckpointFormatError("Unsupported UNet layout: no cross-attention layers.")
     cross_dim = shapes[attn_keys[0]][1]
     if family == "sd1":

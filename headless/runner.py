@@ -117,6 +117,7 @@ class WorkflowRunner:
         self._cache: dict[_Signature, _CacheEntry] = {}
         self._objects: dict[tuple[str, str], Any] = {}
         self.executed: list[str] = []  # node ids executed by the last run (not from cache)
+        self.outputs: dict[str, tuple] = {}  # every node's outputs in the last run
 
     # ------------------------------------------------------------ entry point
     def run(self, workflow: Mapping, extra_pnginfo: dict | None = None) -> dict[str, dict]:
@@ -153,6 +154,7 @@ class WorkflowRunner:
             outputs[node_id] = entry.outputs
             if getattr(node_class, "OUTPUT_NODE", False) or entry.ui is not None:
                 results[node_id] = {"ui": entry.ui or {}, "result": entry.outputs}
+        self.outputs = outputs
         return results
 
     # ------------------------------------------------------------ validation

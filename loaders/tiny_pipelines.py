@@ -87,12 +87,14 @@ def _unet_config(family: str, cross_attention_dim: int) -> dict:
 
 
 def _vae(family: str) -> AutoencoderKL:
+    # Four levels, as in every real SD VAE: 8x downsampling keeps the UNet's latents (and the
+    # cost of attention over them) small at realistic image sizes.
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 64),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=32,
