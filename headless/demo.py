@@ -60,7 +60,6 @@ def run_demo(output_dir: Path, size: int = 256, steps: int = 20) -> list[Path]:
         runner = WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
         results = runner.run(demo_workflow(size, steps))
         paths = [image_path(e) for r in results.values() for e in (r.get("ui") or {}).get("images", [])]
-        print(
-            f"demo: ran {DEMO_WORKFLOW.name} on a tiny built-in model in {time.perf_counter() - started:.1f} s"
-        )
+        elapsed = time.perf_counter() - started
+        print(f"demo: ran {DEMO_WORKFLOW.name} on a tiny built-in model in {elapsed:.1f} s")
     return paths

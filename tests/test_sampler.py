@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from testlib import tiny_pipeline, write_single_file
 
 from comfyui_diffusers_adapters import NODE_CLASS_MAPPINGS
 from comfyui_diffusers_adapters.headless import demo
@@ -18,6 +17,7 @@ from comfyui_diffusers_adapters.loaders.sampling import SamplingSettings, encode
 from comfyui_diffusers_adapters.nodes import comfy_host
 from comfyui_diffusers_adapters.nodes.common import node_id
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
+from testlib import tiny_pipeline, write_single_file
 
 LOADER, SAMPLER = node_id("LoadDreamBooth"), node_id("Sampler")
 ALL_NODES = {**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
