@@ -1,0 +1,127 @@
+"""CUDA path of the sampler, for a machine with a GPU: prints one PASS/FAIL line per check.
+
+    python benchmarks/gpu_check.py
+
+Tiny models only (seconds): fp16 and fp32 on CUDA against the CPU, seeds, SDXL's fp16 VAE upcast,
+interruption and offloading on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("DIFFUSERS_ADAPTERS_QUIET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pack import load_pack  # noqa: E402
+
+load_pack()
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from comfyui_diffusers_adapters.converters.ldm_export import to_ldm_checkpoint  # noqa: E402
+from comfyui_diffusers_adapters.loaders import base_models  # noqa: E402
+from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline  # noqa: E402
+from comfyui_diffusers_adapters.nodes import comfy_host  # noqa: E402
+from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth  # noqa: E402
+from comfyui_diffusers_adapters.nodes.sampler import Sampler  # noqa: E402
+
+failures = 0
+# `--dry-run` exercises this script's code paths on the CPU (no GPU claims are checked).
+DEVICE = "cpu" if "--dry-run" in sys.argv else "cuda"
+
+
+def check(name: str, ok: bool, detail: str = "") -> None:
+    global failures
+    failures += not ok
+    print(f"{'PASS' if ok else 'FAIL'} {name} {detail}", flush=True)
+
+
+def run(handle, seed=1, size=128, steps=8, **kw):
+    args = dict(
+        cfg=5.0, width=size, height=size, batch_size=1, sampler_name="euler", scheduler="normal", clip_skip=-1
+    )
+    args.update(kw)
+    return Sampler().sample(handle, "a lighthouse on a cliff, (storm:1.2)", "blurry", seed, steps, **args)[0]
+
+
+def main() -> int:
+    print(
+        f"torch {torch.__version__}, cuda {torch.cuda.is_available()}, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}"
+    )
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        return 1
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "models"
+        comfy_host.set_models_root(root)
+        for family in ("sd1", "sdxl"):
+            pipe = build_tiny_pipeline(family)
+            te2 = pipe.text_encoder_2.state_dict() if family == "sdxl" else None
+            sd = to_ldm_checkpoint(
+                family, pipe.unet.state_dict(), pipe.vae.state_dict(), pipe.text_encoder.state_dict(), te2
+            )
+            (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+            save_file(
+                {k: v.contiguous() for k, v in sd.items()},
+                str(root / "checkpoints" / f"{family}.safetensors"),
+            )
+            name = f"{family}.safetensors"
+            cpu, _ = LoadDreamBooth().load(name, "fp32", "cpu")["result"]
+            gpu32, _ = LoadDreamBooth().load(name, "fp32", DEVICE)["result"]
+            gpu16, info = LoadDreamBooth().load(name, "auto" if DEVICE == "cuda" else "fp16", DEVICE)[
+                "result"
+            ]
+            check(
+                f"{family} auto dtype/device",
+                gpu16.base.dtype == torch.float16 and gpu16.base.device.type == "cuda",
+                info.splitlines()[0],
+            )
+            ref = run(cpu)
+            out32, out16 = run(gpu32), run(gpu16)
+            d32, d16 = float((out32 - ref).abs().max()), float((out16 - ref).abs().mean())
+            check(
+                f"{family} cuda fp32 = cpu fp32 (same seed, CPU generator)", d32 < 2e-2, f"max diff {d32:.2e}"
+            )
+            check(
+                f"{family} cuda fp16 close to cpu fp32",
+                torch.isfinite(out16).all().item() and d16 < 5e-2,
+                f"mean diff {d16:.2e}",
+            )
+            check(f"{family} cuda same seed twice", torch.equal(run(gpu16), out16))
+            if family == "sdxl":
+                check(
+                    "sdxl fp16 VAE stays fp16 after the upcast decode",
+                    gpu16.base.pipe.vae.dtype == torch.float16,
+                )
+
+            class Stop:
+                def update_absolute(self, value, total=None, preview=None):
+                    if value == 3:
+                        comfy_host.request_interrupt()
+
+            original = comfy_host.progress_bar
+            comfy_host.progress_bar = lambda total, label="": Stop()
+            try:
+                run(gpu16)
+                check(f"{family} interrupt on cuda", False, "no exception")
+            except comfy_host.Interrupted:
+                check(f"{family} interrupt on cuda", True)
+            finally:
+                comfy_host.progress_bar = original
+            check(f"{family} after interrupt equals fresh", torch.equal(run(gpu16), out16))
+            off = run(gpu16, offload_after=True)
+            check(f"{family} offload_after moves to cpu", gpu16.base.pipe.device.type == "cpu")
+            check(
+                f"{family} next run after offload equals",
+                torch.equal(run(gpu16), off) and torch.equal(off, out16),
+            )
+            base_models.clear_cache()
+    print(f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
