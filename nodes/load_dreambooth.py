@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..loaders.base_models import PREDICTIONS, load_base_model
+from ..loaders.base_models import PREDICTIONS, load_base_model, resolve_device
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
 from .common import CATEGORY, PIPELINE
@@ -83,6 +83,8 @@ class LoadDreamBooth:
 
     def load(self, checkpoint: str, dtype: str = "auto", device: str = "auto", prediction: str = "auto"):
         path = resolve_checkpoint(checkpoint)
+        if resolve_device(device).type != "cpu":
+            comfy_host.free_host_memory()  # ComfyUI's own models leave the GPU first
         base = load_base_model(path, dtype, device, prediction)  # errors say what is wrong with the file
         dtype_name = str(base.dtype).replace("torch.", "")
         info = f"{base.family_name} ({base.prediction}), {dtype_name} on {base.device}"
