@@ -62,7 +62,7 @@ class BaseModel:
     info: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)
     applied: tuple = ()  # adapter specs currently applied to `pipe`, in order
-    undos: list = field(default_factory=list)  # their removal functions
+    kind_state: dict = field(default_factory=dict)  # per adapter kind: what it needs to undo itself
 
     @property
     def family_name(self) -> str:

@@ -3,6 +3,10 @@
 ComfyUI hands one node output to every consumer and keeps it for later runs, so nothing may
 mutate it. Adapter nodes return a new handle with one more adapter spec; only the sampler
 changes weights, and it first reconciles the base model with the handle it was given.
+
+Each adapter spec names its `kind`, the object that knows how to move a base model from the
+specs of that kind it carries now to the ones wanted (the LoRA patcher, textual inversion, ...).
+Kinds work independently, so a change to one kind leaves the others' layers untouched.
 """
 
 from __future__ import annotations
@@ -16,13 +20,22 @@ from diffusers import DiffusionPipeline
 from .base_models import BaseModel
 
 
-class AdapterSpec(Protocol):
-    """An already parsed and validated adapter with its settings (hashable, immutable)."""
+class AdapterKind(Protocol):
+    """Applies and removes the adapters of one kind on a base model."""
 
-    def apply(self, pipe: DiffusionPipeline) -> Callable[[], None]:
-        """Apply to `pipe`; return a function that removes exactly what was applied.
-        Must leave `pipe` unchanged if it raises."""
+    name: str
+
+    def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
+        """Change `base.pipe` from carrying `current` to carrying `wanted` (specs of this kind,
+        in order). Must leave the pipeline exactly as it was if it raises."""
         ...
+
+
+class AdapterSpec(Protocol):
+    """An already parsed and validated adapter with its settings: immutable, and equal to
+    another spec exactly when applying either gives the same pipeline."""
+
+    kind: AdapterKind
 
 
 @dataclass(frozen=True)
@@ -33,43 +46,36 @@ class PipelineHandle:
     def with_adapter(self, spec: AdapterSpec) -> PipelineHandle:
         return PipelineHandle(self.base, self.adapters + (spec,))
 
-    def describe(self) -> str:
-        return (
-            f"{self.base.family_name} pipeline from {self.base.source} with {len(self.adapters)} adapter(s)"
-        )
+    def without_kind(self, kind: AdapterKind) -> PipelineHandle:
+        return PipelineHandle(self.base, tuple(s for s in self.adapters if s.kind is not kind))
 
 
-def _apply_all(base: BaseModel, specs: tuple) -> None:
-    undos: list[Callable[[], None]] = []
-    try:
-        for spec in specs:
-            undos.append(spec.apply(base.pipe))
-    except BaseException:
-        for undo in reversed(undos):
-            undo()
-        raise
-    base.undos = undos
-    base.applied = specs
-
-
-def _remove_all(base: BaseModel) -> None:
-    for undo in reversed(base.undos):
-        undo()
-    base.undos, base.applied = [], ()
+def _of_kind(specs: tuple, kind: AdapterKind) -> tuple:
+    return tuple(s for s in specs if s.kind is kind)
 
 
 def reconcile(base: BaseModel, wanted: tuple) -> None:
-    """Make the base model carry exactly `wanted`. Transactional: if applying fails, the model
-    goes back to the adapters it carried before, and the error propagates."""
-    if base.applied == wanted:
+    """Make the base model carry exactly `wanted`. Transactional: if a kind fails, the kinds
+    already changed go back, and the model carries what it carried before."""
+    current = base.applied
+    if current == wanted:
         return
-    previous = base.applied
-    _remove_all(base)
+    kinds: list[AdapterKind] = []
+    for spec in current + wanted:
+        if not any(spec.kind is k for k in kinds):
+            kinds.append(spec.kind)
+    done: list[AdapterKind] = []
     try:
-        _apply_all(base, wanted)
+        for kind in kinds:
+            before, after = _of_kind(current, kind), _of_kind(wanted, kind)
+            if before != after:
+                kind.reconcile(base, before, after)
+                done.append(kind)
     except BaseException:
-        _apply_all(base, previous)
+        for kind in reversed(done):
+            kind.reconcile(base, _of_kind(wanted, kind), _of_kind(current, kind))
         raise
+    base.applied = wanted
 
 
 @contextmanager
@@ -78,3 +84,32 @@ def materialized(handle: PipelineHandle) -> Iterator[DiffusionPipeline]:
     with handle.base.lock:
         reconcile(handle.base, handle.adapters)
         yield handle.base.pipe
+
+
+@dataclass(frozen=True)
+class StackKind:
+    """A kind whose adapters are applied one by one and removed in reverse order (the generic
+    case: textual inversion, IP-Adapter). Specs provide `apply(pipe) -> undo`."""
+
+    name: str
+
+    def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
+        undos: list[Callable[[], None]] = base.kind_state.setdefault(self.name, [])
+        keep = 0
+        while keep < min(len(current), len(wanted)) and current[keep] == wanted[keep]:
+            keep += 1
+        removed = []
+        for spec in reversed(current[keep:]):
+            undos.pop()()
+            removed.append(spec)
+        added = 0
+        try:
+            for spec in wanted[keep:]:
+                undos.append(spec.apply(base.pipe))
+                added += 1
+        except BaseException:
+            for _ in range(added):
+                undos.pop()()
+            for spec in reversed(removed):
+                undos.append(spec.apply(base.pipe))
+            raise
