@@ -43,7 +43,8 @@ class LayerPatch:
     @property
     def scale(self) -> float:
         """alpha / rank, the multiplier trainers apply to the low-rank product."""
-        if self.algorithm in ("full", "norm") or self.alpha is None or not self.rank:
+        # alpha 0 or missing means alpha = rank, as Kohya and LyCORIS read it.
+        if self.algorithm in ("full", "norm") or not self.alpha or not self.rank:
             return 1.0
         return float(self.alpha) / float(self.rank)
 
