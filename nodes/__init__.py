@@ -3,10 +3,13 @@
 from . import comfy_host
 from .common import node_id
 from .load_dreambooth import LoadDreamBooth
+from .load_lora import LoadLoRA, UnloadLoRA
 from .sampler import Sampler
 
 _NODES = {
     LoadDreamBooth: "Load DreamBooth Checkpoint (Diffusers)",
+    LoadLoRA: "Load LoRA (Diffusers)",
+    UnloadLoRA: "Unload LoRAs (Diffusers)",
     Sampler: "Diffusers Sampler",
 }
 

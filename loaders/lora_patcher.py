@@ -1,0 +1,137 @@
+"""The pack's own LoRA patcher: merges LoRA-family patches into weights, restores them bit-exactly.
+
+Why not diffusers' loader: it refuses LoHa/LoKr/Tucker, ignores per-module alphas on attention,
+scales only attention blocks and does not restore weights exactly (shared/FACTS.md).
+
+For every module that some wanted LoRA touches, the new weight is computed from a backup of the
+original weight (taken once, on the CPU): W = backup, then each LoRA in order at its strength.
+Reconciling only rewrites the modules whose list of (LoRA, strength) changed, and a module that
+no LoRA touches any more gets its backup copied back: removal is exact in every dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import torch
+
+from ..converters.lora_math import bias_delta, merged_weight
+from ..converters.lora_patch import PARTS, LayerPatch, LoraFile
+from .base_models import BaseModel
+
+ModuleKey = tuple[str, str]  # (part, module path)
+Contribution = tuple  # ((spec, strength), ...) in application order
+
+
+def pipeline_parts(pipe) -> dict[str, torch.nn.Module]:
+    return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
+
+
+def target_shapes(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
+    """For each part, the module paths that have a weight, with the weight's shape."""
+    targets = {}
+    for part, model in pipeline_parts(pipe).items():
+        targets[part] = {
+            name: tuple(m.weight.shape)
+            for name, m in model.named_modules()
+            if name and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+        }
+    return targets
+
+
+@dataclass(frozen=True, eq=False)
+class LoraSpec:
+    """One LoRA on the pipeline socket. Equal to another spec when file and settings are equal."""
+
+    key: tuple  # (file identity, strengths, parts, block scales): the spec's identity
+    lora: LoraFile
+    strengths: Mapping[str, float]  # part -> strength
+    block_scale: Callable[[str, str], float]  # (part, module path) -> multiplier
+    label: str = ""
+
+    @property
+    def kind(self) -> LoraKind:
+        return LORA
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LoraSpec) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def strength_for(self, part: str, path: str) -> float:
+        return self.strengths.get(part, 0.0) * self.block_scale(part, path)
+
+
+@dataclass
+class _LoraState:
+    backups: dict[ModuleKey, dict[str, torch.Tensor]] = field(default_factory=dict)
+    contributions: dict[ModuleKey, Contribution] = field(default_factory=dict)
+
+
+def _contributions(specs: tuple) -> dict[ModuleKey, Contribution]:
+    out: dict[ModuleKey, list] = {}
+    for spec in specs:
+        for part, patches in spec.lora.patches.items():
+            for path in patches:
+                strength = spec.strength_for(part, path)
+                if strength != 0.0:  # strength 0 leaves the layer alone (DoRA would not)
+                    out.setdefault((part, path), []).append((spec, strength))
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _write(
+    module: torch.nn.Module, key: ModuleKey, state: _LoraState, contribution: Contribution | None
+) -> None:
+    """Set one module's parameters to backup + contributions (or back to the backup)."""
+    backup = state.backups.get(key)
+    if not contribution:
+        if backup is not None:
+            for name, original in backup.items():
+                getattr(module, name).data.copy_(original)
+            del state.backups[key]
+        return
+    if backup is None:
+        backup = {"weight": module.weight.detach().to("cpu", copy=True)}
+        if getattr(module, "bias", None) is not None:
+            backup["bias"] = module.bias.detach().to("cpu", copy=True)
+        state.backups[key] = backup
+    device = module.weight.device
+    weight = backup["weight"].to(device, torch.float32)
+    bias = backup["bias"].to(device, torch.float32) if "bias" in backup else None
+    part, path = key
+    for spec, strength in contribution:
+        patch: LayerPatch = spec.lora.patches[part][path]
+        weight = merged_weight(weight, patch, strength)
+        db = bias_delta(patch, device)
+        if db is not None and bias is not None:
+            bias = bias + strength * db
+    module.weight.data.copy_(weight)
+    if bias is not None:
+        module.bias.data.copy_(bias)
+
+
+class LoraKind:
+    """Reconciles the LoRAs a base model carries with the ones a handle wants."""
+
+    name = "lora"
+
+    def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
+        state: _LoraState = base.kind_state.setdefault(self.name, _LoraState())
+        parts = pipeline_parts(base.pipe)
+        old, new = state.contributions, _contributions(wanted)
+        changed = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        done: list[ModuleKey] = []
+        try:
+            for key in changed:
+                _write(parts[key[0]].get_submodule(key[1]), key, state, new.get(key))
+                done.append(key)
+        except BaseException:
+            for key in reversed(done):  # the same computation as before: bit-exact
+                _write(parts[key[0]].get_submodule(key[1]), key, state, old.get(key))
+            raise
+        state.contributions = new
+
+
+LORA = LoraKind()

@@ -1,0 +1,112 @@
+"""LoadLoRA and UnloadLoRA: LoRA-family adapters on the pipeline socket."""
+
+from __future__ import annotations
+
+from ..converters.block_scales import parse_block_scales
+from ..loaders.lora_files import describe, file_identity, read_lora
+from ..loaders.lora_patcher import LORA, LoraSpec
+from ..loaders.pipeline_handle import PipelineHandle
+from . import comfy_host
+from .common import CATEGORY, PIPELINE
+
+APPLY_TO = {
+    "unet and text encoders": ("unet", "text_encoder", "text_encoder_2"),
+    "unet only": ("unet",),
+    "text encoders only": ("text_encoder", "text_encoder_2"),
+}
+STRENGTH = {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01}
+
+
+class LoadLoRA:
+    DESCRIPTION = (
+        "Adds a LoRA to the pipeline: diffusers/PEFT, Kohya/A1111/Civitai, TheLastBen and LyCORIS "
+        "(LoCon, LoHa, LoKr, full, DoRA) files from models/loras. The file is checked against the "
+        "pipeline now; weights change only when the sampler runs, and removing the node restores them "
+        "exactly. LoRAs stack in any number; the info output reports format, ranks, alphas, matched "
+        "layers and trigger words."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (PIPELINE, "STRING")
+    RETURN_NAMES = ("pipeline", "info")
+    OUTPUT_TOOLTIPS = ("The pipeline with this LoRA added.", "What the file contains and what matched.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (PIPELINE, {"tooltip": "The pipeline to add the LoRA to."}),
+                "lora_name": (comfy_host.list_model_files("loras"), {"tooltip": "A file in models/loras."}),
+                "strength_model": (
+                    "FLOAT",
+                    {**STRENGTH, "tooltip": "Strength on the UNet (negative inverts the LoRA)."},
+                ),
+                "strength_clip": (
+                    "FLOAT",
+                    {**STRENGTH, "tooltip": "Strength on the text encoders (negative allowed)."},
+                ),
+                "apply_to": (
+                    list(APPLY_TO),
+                    {"default": "unet and text encoders", "tooltip": "Which parts of the LoRA to apply."},
+                ),
+            },
+            "optional": {
+                "block_weights": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": False,
+                        "tooltip": "Optional per-block scales: a diffusers set_adapters dict as JSON, e.g. "
+                        '{"unet": {"down": 0.5, "up": {"block_1": [0.4, 0.8, 1.0]}}}, or LoRA Block Weight '
+                        "values / a preset (ALL, INALL, MIDD, OUTALL, ...). They scale every layer of a "
+                        "block, resnets included.",
+                    },
+                ),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name, **_):
+        try:
+            return file_identity(comfy_host.resolve_model_path("loras", lora_name))
+        except (OSError, ValueError):
+            return lora_name
+
+    def load(
+        self,
+        pipeline: PipelineHandle,
+        lora_name: str,
+        strength_model: float,
+        strength_clip: float,
+        apply_to: str,
+        block_weights: str = "",
+    ):
+        path = comfy_host.resolve_model_path("loras", lora_name)
+        base = pipeline.base
+        lora = read_lora(path, base)
+        scales = parse_block_scales(block_weights or None, base.family, unet_config=base.pipe.unet.config)
+        parts = APPLY_TO[apply_to]
+        strengths = {
+            p: (strength_model if p == "unet" else strength_clip) if p in parts else 0.0
+            for p in ("unet", "text_encoder", "text_encoder_2")
+        }
+        key = (file_identity(path), tuple(sorted(strengths.items())), scales)
+        spec = LoraSpec(key, lora, strengths, scales.scale, label=lora_name)
+        info = describe(lora, lora_name)
+        return {"ui": {"text": [info]}, "result": (pipeline.with_adapter(spec), info)}
+
+
+class UnloadLoRA:
+    DESCRIPTION = "Returns the pipeline without any of its LoRAs (the weights go back exactly when sampling)."
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (PIPELINE,)
+    RETURN_NAMES = ("pipeline",)
+    OUTPUT_TOOLTIPS = ("The pipeline without LoRAs; its other adapters are kept.",)
+    FUNCTION = "unload"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"pipeline": (PIPELINE, {"tooltip": "The pipeline to remove every LoRA from."})}}
+
+    def unload(self, pipeline: PipelineHandle):
+        return (pipeline.without_kind(LORA),)

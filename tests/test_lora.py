@@ -1,0 +1,214 @@
+"""LoadLoRA end to end: merge math, strengths, block scales, stacking, exact removal, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lora_files import kohya_lora, lora_modules
+from safetensors.torch import save_file
+
+from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
+from comfyui_diffusers_adapters.loaders import lora_files
+from comfyui_diffusers_adapters.loaders.base_models import BaseModel
+from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle, materialized
+from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA
+from testlib import tiny_pipeline
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    lora_files._cache.clear()
+    yield
+    lora_files._cache.clear()
+
+
+def fresh_handle(family="sd1", dtype=torch.float32):
+    """A handle on a private copy of the tiny pipeline (tests mutate weights through the sampler)."""
+    src = tiny_pipeline(family)
+    pipe = type(src)(**{k: copy.deepcopy(v) for k, v in src.components.items()})
+    pipe.to(dtype=dtype)
+    return PipelineHandle(BaseModel(pipe, family, "tiny", dtype, torch.device("cpu"), "epsilon"))
+
+
+def write_kohya(models_root, name, family="sd1", seed=0, only=None, te=True):
+    """A Kohya file for the tiny pipeline: every Linear/Conv2d of the UNet (LoCon on convs) and the
+    text encoder, real Kohya names from the module paths, a different alpha per layer."""
+    torch.manual_seed(seed)
+    pipe = tiny_pipeline(family)
+    sd = kohya_lora(pipe.unet, "lora_unet_", device="cpu", only=only)
+    if te:
+        sd.update(kohya_lora(pipe.text_encoder, "lora_te_", rename=lambda p: "text_model." + p, device="cpu"))
+    sd = {k: v * 0.05 if v.dim() else v for k, v in sd.items()}
+    save_file(
+        sd,
+        str(models_root / "loras" / name),
+        metadata={
+            "ss_output_name": "style",
+            "ss_tag_frequency": '{"5_zxc style": {"zxc style": 12, "red": 4}}',
+        },
+    )
+    return sd
+
+
+def expected_weight(base_weight, sd, name, strength):
+    """The written-out math: W + strength * alpha / rank * up @ down."""
+    down, up, alpha = sd[f"{name}.lora_down.weight"], sd[f"{name}.lora_up.weight"], sd[f"{name}.alpha"]
+    rank = down.shape[0]
+    delta = (up.flatten(1) @ down.flatten(1)).reshape(base_weight.shape)
+    return base_weight.float() + strength * float(alpha) / rank * delta
+
+
+def load(handle, name, strength_model=1.0, strength_clip=1.0, apply_to="unet and text encoders", blocks=""):
+    out = LoadLoRA().load(handle, name, strength_model, strength_clip, apply_to, blocks)
+    return out["result"]
+
+
+def unet_state(handle):
+    return {k: v.clone() for k, v in handle.base.pipe.unet.state_dict().items()}
+
+
+def test_merged_weights_follow_the_written_out_math(models_root):
+    sd = write_kohya(models_root, "style.safetensors")
+    handle = fresh_handle()
+    original_unet = {k: v.clone() for k, v in handle.base.pipe.unet.state_dict().items()}
+    original_te = {k: v.clone() for k, v in handle.base.pipe.text_encoder.state_dict().items()}
+    lora_handle, info = load(handle, "style.safetensors", 0.8, 0.5)
+    with materialized(lora_handle) as pipe:
+        for path, module in lora_modules(pipe.unet).items():
+            name = "lora_unet_" + path.replace(".", "_")
+            want = expected_weight(original_unet[path + ".weight"], sd, name, 0.8)
+            torch.testing.assert_close(module.weight, want, rtol=1e-5, atol=1e-6)
+        for path, module in lora_modules(pipe.text_encoder).items():
+            name = "lora_te_text_model_" + path.replace(".", "_")
+            want = expected_weight(original_te[path + ".weight"], sd, name, 0.5)
+            torch.testing.assert_close(module.weight, want, rtol=1e-5, atol=1e-6)
+    assert "kohya" in info and "trigger words: zxc style" in info
+    assert f"unet: {len(lora_modules(handle.base.pipe.unet))} layers" in info
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_removal_is_bit_exact(models_root, dtype):
+    write_kohya(models_root, "a.safetensors")
+    write_kohya(models_root, "b.safetensors", seed=1)
+    handle = fresh_handle(dtype=DTYPES[dtype])
+    before = unet_state(handle)
+    stacked, _ = load(load(handle, "a.safetensors", 0.7)[0], "b.safetensors", -1.3)
+    with materialized(stacked) as pipe:
+        assert not torch.equal(pipe.unet.conv_in.weight, before["conv_in.weight"])
+    with materialized(UnloadLoRA().unload(stacked)[0]):
+        pass
+    after = unet_state(handle)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert handle.base.kind_state["lora"].backups == {}
+
+
+def test_stacking_and_the_same_file_twice_add_up(models_root):
+    write_kohya(models_root, "a.safetensors")
+    handle = fresh_handle()
+    twice = load(load(handle, "a.safetensors", 0.5)[0], "a.safetensors", 0.5)[0]
+    once = load(handle, "a.safetensors", 1.0)[0]
+    with materialized(once) as pipe:
+        w1 = pipe.unet.down_blocks[0].attentions[0].proj_in.weight.clone()
+    with materialized(twice) as pipe:
+        torch.testing.assert_close(
+            pipe.unet.down_blocks[0].attentions[0].proj_in.weight, w1, rtol=1e-5, atol=1e-6
+        )
+
+
+def test_only_changed_layers_are_rewritten(models_root):
+    write_kohya(models_root, "a.safetensors", only=lambda p: p.startswith("down_blocks"), te=False)
+    write_kohya(models_root, "b.safetensors", only=lambda p: p.startswith("up_blocks"), te=False)
+    handle = fresh_handle()
+    a = load(handle, "a.safetensors", 1.0)[0]
+    both = load(a, "b.safetensors", 1.0)[0]
+    with materialized(both) as pipe:
+        down_weight = pipe.unet.down_blocks[0].attentions[0].proj_in.weight
+        down_before = down_weight.data_ptr(), down_weight.clone()
+    changed_strength = load(a, "b.safetensors", 0.3)[0]
+    calls = []
+    original_copy = torch.Tensor.copy_
+
+    def spy(self, src, *args, **kwargs):
+        calls.append(self.data_ptr())
+        return original_copy(self, src, *args, **kwargs)
+
+    torch.Tensor.copy_ = spy
+    try:
+        with materialized(changed_strength):
+            pass
+    finally:
+        torch.Tensor.copy_ = original_copy
+    assert down_before[0] not in calls  # layers of the unchanged LoRA were not touched
+    assert torch.equal(handle.base.pipe.unet.down_blocks[0].attentions[0].proj_in.weight, down_before[1])
+    assert calls  # the up-block layers were rewritten
+
+
+def test_block_scales_and_apply_to_reach_every_layer_of_a_block(models_root):
+    write_kohya(models_root, "a.safetensors")
+    handle = fresh_handle()
+    before = unet_state(handle)
+    te_before = handle.base.pipe.text_encoder.encoder.layers[0].self_attn.q_proj.weight.clone()
+    scaled = load(
+        handle, "a.safetensors", 1.0, 1.0, "unet only", '{"unet": {"down": 0.0, "mid": 1, "up": 1}}'
+    )[0]
+    with materialized(scaled) as pipe:
+        after = pipe.unet.state_dict()
+        for key in before:
+            if key.startswith("down_blocks"):
+                assert torch.equal(after[key], before[key]), key  # attention, resnets and samplers alike
+        assert not torch.equal(
+            after["up_blocks.0.resnets.0.conv1.weight"], before["up_blocks.0.resnets.0.conv1.weight"]
+        )
+        assert not torch.equal(
+            after["mid_block.resnets.0.conv1.weight"], before["mid_block.resnets.0.conv1.weight"]
+        )
+        assert torch.equal(pipe.text_encoder.encoder.layers[0].self_attn.q_proj.weight, te_before)
+
+
+def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch):
+    write_kohya(models_root, "a.safetensors")
+    write_kohya(models_root, "b.safetensors", seed=1)
+    handle = fresh_handle()
+    with materialized(load(handle, "a.safetensors", 1.0)[0]):
+        pass
+    with_a = unet_state(handle)
+    from comfyui_diffusers_adapters.loaders import lora_patcher
+
+    real, calls = lora_patcher.merged_weight, []
+
+    def flaky(weight, patch, strength):
+        calls.append(1)
+        if len(calls) == 25:
+            raise RuntimeError("out of memory (simulated)")
+        return real(weight, patch, strength)
+
+    monkeypatch.setattr(lora_patcher, "merged_weight", flaky)
+    target = load(load(handle, "a.safetensors", 0.2)[0], "b.safetensors", 1.0)[0]
+    with pytest.raises(RuntimeError, match="simulated"):
+        with materialized(target):
+            pass
+    after = unet_state(handle)
+    assert all(torch.equal(with_a[k], after[k]) for k in with_a)
+
+
+def test_wrong_family_and_foreign_files_are_refused(models_root):
+    handle = fresh_handle()
+    sdxl_names = {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_down.weight": torch.zeros(4, 2048),
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k.lora_up.weight": torch.zeros(640, 4),
+    }
+    save_file(sdxl_names, str(models_root / "loras" / "xl.safetensors"))
+    with pytest.raises(LoraFormatError, match="SDXL.*SD1.x"):
+        load(handle, "xl.safetensors")
+    save_file(
+        {f"model.layer{i}.weight": torch.zeros(2, 2) for i in range(5)},
+        str(models_root / "loras" / "x.safetensors"),
+    )
+    with pytest.raises(LoraFormatError, match="matches"):
+        load(handle, "x.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load(handle, "missing.safetensors")
