@@ -9,6 +9,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import save_file
 
 from ..converters.ldm_export import to_ldm_checkpoint
@@ -19,8 +20,9 @@ from .runner import WorkflowRunner
 from .standin_nodes import STANDIN_NODE_CLASS_MAPPINGS, image_path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-DEMO_WORKFLOW = PACK_ROOT / "example_workflows" / "text_to_image.json"
+DEMO_WORKFLOWS = ("text_to_image.json", "lora_single.json")
 DEMO_CHECKPOINT = "tiny-sd15-demo.safetensors"
+DEMO_LORA = "my_style_lora.safetensors"  # the name lora_single.json uses
 
 
 def write_demo_checkpoint(models_root: Path) -> Path:
@@ -36,9 +38,34 @@ def write_demo_checkpoint(models_root: Path) -> Path:
     return path
 
 
-def demo_workflow(size: int = 256, steps: int = 20) -> dict:
-    """The example workflow (UI format, as the editor saves it) pointed at the demo checkpoint."""
-    workflow = json.loads(DEMO_WORKFLOW.read_text(encoding="utf-8"))
+def write_demo_lora(models_root: Path, rank: int = 4) -> Path:
+    """A tiny Kohya-style LoRA for the demo model: every Linear of its attention blocks."""
+    pipe = build_tiny_pipeline("sd1", seed=0)
+    generator = torch.Generator().manual_seed(1)
+    state = {}
+    for path, module in pipe.unet.named_modules():
+        if ".attentions." in path and isinstance(module, torch.nn.Linear):
+            name = "lora_unet_" + path.replace(".", "_")
+            state[name + ".lora_down.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) * 0.1
+            )
+            state[name + ".lora_up.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.1
+            )
+            state[name + ".alpha"] = torch.tensor(float(rank))
+    path = models_root / "loras" / DEMO_LORA
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(
+        state,
+        str(path),
+        metadata={"ss_output_name": "demo style", "ss_tag_frequency": '{"5_zxc style": {"zxc style": 8}}'},
+    )
+    return path
+
+
+def demo_workflow(size: int = 256, steps: int = 20, name: str = DEMO_WORKFLOWS[0]) -> dict:
+    """An example workflow (UI format, as the editor saves it) pointed at the demo checkpoint."""
+    workflow = json.loads((PACK_ROOT / "example_workflows" / name).read_text(encoding="utf-8"))
     for node in workflow["nodes"]:
         if node["type"] == node_id("LoadDreamBooth"):
             node["widgets_values"][0] = DEMO_CHECKPOINT
@@ -55,11 +82,14 @@ def run_demo(output_dir: Path, size: int = 256, steps: int = 20) -> list[Path]:
         models_root = Path(tmp) / "models"
         started = time.perf_counter()
         write_demo_checkpoint(models_root)
+        write_demo_lora(models_root)
         comfy_host.set_models_root(models_root)
         comfy_host.set_io_directories(Path(tmp) / "input", output_dir)
         runner = WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
-        results = runner.run(demo_workflow(size, steps))
-        paths = [image_path(e) for r in results.values() for e in (r.get("ui") or {}).get("images", [])]
+        paths = []
+        for name in DEMO_WORKFLOWS:
+            results = runner.run(demo_workflow(size, steps, name))
+            paths += [image_path(e) for r in results.values() for e in (r.get("ui") or {}).get("images", [])]
         elapsed = time.perf_counter() - started
-        print(f"demo: ran {DEMO_WORKFLOW.name} on a tiny built-in model in {elapsed:.1f} s")
+        print(f"demo: ran {', '.join(DEMO_WORKFLOWS)} on tiny built-in models in {elapsed:.1f} s")
     return paths
