@@ -85,6 +85,16 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are the same; "cuda" (no index) matches the current "cuda:N"."""
+    if a.type != b.type:
+        return False
+    if a.index is None or b.index is None:
+        current = torch.cuda.current_device() if a.type == "cuda" else 0
+        return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+    return a.index == b.index
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.float16
@@ -95,11 +105,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 # ---------------------------------------------------------------- single-file checkpoints
 def _build(
-    cls: type, config: Any, state_dict: dict[str, torch.Tensor], dtype: torch.dtype
+    cls: type,
+    config: Any,
+    state_dict: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    module: torch.nn.Module | None = None,
 ) -> torch.nn.Module:
-    """Build `cls` on the meta device and assign the converted tensors (no second copy)."""
-    with init_empty_weights(include_buffers=False):
-        module = cls(config) if isinstance(config, CLIPTextConfig) else cls(**config)
+    """Build `cls` on the meta device (or take `module`, already there) and assign the converted
+    tensors (no second copy)."""
+    if module is None:
+        with init_empty_weights(include_buffers=False):
+            module = cls(config) if isinstance(config, CLIPTextConfig) else cls(**config)
     state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
     missing, unexpected = module.load_state_dict(state_dict, strict=False, assign=True)
     if missing or unexpected:
@@ -134,7 +150,7 @@ def _clip_state(converted: dict[str, torch.Tensor], model: torch.nn.Module, laye
 def _text_encoder(file: ModelFile, config: dict, prefix: str, open_clip: bool, dtype: torch.dtype):
     cls = CLIPTextModelWithProjection if prefix == layout.SDXL_CLIP_G else CLIPTextModel
     te_config = CLIPTextConfig(**config)
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=False):
         meta_model = cls(te_config)
     sub = file.read(k for k in file.shapes if k.startswith(prefix))
     if open_clip:
@@ -142,7 +158,8 @@ def _text_encoder(file: ModelFile, config: dict, prefix: str, open_clip: bool, d
     else:
         converted = convert_ldm_clip_checkpoint(sub, remove_prefix=prefix)
     del sub
-    return _build(cls, te_config, _clip_state(converted, meta_model, config["num_hidden_layers"]), dtype)
+    state = _clip_state(converted, meta_model, config["num_hidden_layers"])
+    return _build(cls, te_config, state, dtype, module=meta_model)
 
 
 def _detect_prediction(file: ModelFile, family: str) -> str:

@@ -6,7 +6,6 @@ MIT-licensed `bpe_simple_vocab_16e6.txt.gz` (byte-identical to the files every S
 
 from __future__ import annotations
 
-import copy
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -27,8 +26,11 @@ def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
     return vocab, merges
 
 
-@lru_cache(maxsize=2)
-def _base_tokenizer(pad_token: str) -> CLIPTokenizer:
+def clip_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
+    """A fresh CLIP tokenizer (its own object: textual inversion adds tokens to it).
+
+    Built from the cached vocabulary each time: about 20 ms, where a deepcopy of a built one takes
+    over 100 ms."""
     vocab, merges = _vocab_and_merges()
     return CLIPTokenizer(
         vocab=dict(vocab),
@@ -39,8 +41,3 @@ def _base_tokenizer(pad_token: str) -> CLIPTokenizer:
         pad_token=pad_token,
         model_max_length=77,
     )
-
-
-def clip_tokenizer(pad_token: str = END_OF_TEXT) -> CLIPTokenizer:
-    """A fresh CLIP tokenizer (a copy: textual inversion adds tokens to it)."""
-    return copy.deepcopy(_base_tokenizer(pad_token))
