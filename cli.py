@@ -2,6 +2,7 @@
 
     python cli.py run WORKFLOW.json --models DIR [--input DIR] [--output DIR]
     python cli.py demo [--output DIR]
+    python cli.py export-lora LORA.safetensors OUT.safetensors --checkpoint CHECKPOINT.safetensors
 
 ComfyUI does not import this file; it loads the pack from its folder the way ComfyUI does.
 """
@@ -71,6 +72,28 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_lora(args: argparse.Namespace) -> int:
+    load_pack()
+    base_models = importlib.import_module(f"{PACK_NAME}.loaders.base_models")
+    lora_files = importlib.import_module(f"{PACK_NAME}.loaders.lora_files")
+    lora_keys = importlib.import_module(f"{PACK_NAME}.converters.lora_keys")
+    model_files = importlib.import_module(f"{PACK_NAME}.loaders.model_files")
+
+    family, targets = base_models.checkpoint_targets(Path(args.checkpoint))
+    source = model_files.open_model_file(Path(args.lora))
+    try:
+        lora = lora_keys.parse_lora(source.read(source.shapes), targets, source.metadata)
+        lora_keys.check_family(lora.family, family)
+        dropped = lora_files.export_peft(lora, targets, Path(args.output))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} ({sum(lora.layer_count(p) for p in lora.patches)} layers)")
+    for item in dropped:
+        print(f"left out: {item}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cli.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="build small built-in models and run the example workflow")
     demo.add_argument("--output", default="demo_output", help="output folder (default: ./demo_output)")
     demo.set_defaults(func=_demo)
+    export = sub.add_parser("export-lora", help="write any supported LoRA as a diffusers/PEFT file")
+    export.add_argument("lora", help="the LoRA file (Kohya, LyCORIS, PEFT, ...)")
+    export.add_argument("output", help="the .safetensors file to write")
+    export.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a single-file checkpoint of the LoRA's family (only its header is read)",
+    )
+    export.set_defaults(func=_export_lora)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -162,6 +162,22 @@ def _text_encoder(file: ModelFile, config: dict, prefix: str, open_clip: bool, d
     return _build(cls, te_config, state, dtype, module=meta_model)
 
 
+def checkpoint_targets(path: Path) -> tuple[str, dict[str, dict[str, tuple[int, ...]]]]:
+    """(family, module path -> weight shape per part) of a single-file checkpoint, from its header
+    alone: the modules are built on the meta device, no weight is read."""
+    from .lora_patcher import module_shapes
+
+    configs = layout.infer_configs(open_model_file(path).shapes)
+    with init_empty_weights(include_buffers=False):
+        parts = {
+            "unet": UNet2DConditionModel(**configs.unet),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**configs.text_encoder)),
+        }
+        if configs.text_encoder_2:
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**configs.text_encoder_2))
+    return configs.family, {part: module_shapes(model) for part, model in parts.items()}
+
+
 def _detect_prediction(file: ModelFile, family: str) -> str:
     if "v_pred" in file.shapes:
         return "v_prediction"

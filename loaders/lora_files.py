@@ -62,6 +62,24 @@ def read_lora(path: Path, base: BaseModel) -> LoraFile:
     return lora
 
 
+def export_peft(lora: LoraFile, targets: dict, out_path: Path) -> list[str]:
+    """Write `lora` as a diffusers/PEFT file that diffusers' load_lora_weights loads; returns what
+    diffusers cannot hold and was left out (norm diffs, bundled embeddings)."""
+    import json
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from ..converters.lora_export import DROPPED_KEY, to_peft_state_dict
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state, header = to_peft_state_dict(lora, targets, on_unsupported="drop")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(out_path), metadata=header)
+    return json.loads(header.get(DROPPED_KEY, "[]"))
+
+
 def describe(lora: LoraFile, name: str) -> str:
     """The node's report: format, family, ranks, alphas, layers per part, unmatched keys."""
     lines = [f"{name}: {lora.format} format, {FAMILY_NAMES.get(lora.family, 'family not stated')}"]

@@ -28,16 +28,18 @@ def pipeline_parts(pipe) -> dict[str, torch.nn.Module]:
     return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
 
 
+def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The module paths of `model` that have a weight, with the weight's shape."""
+    return {
+        name: tuple(m.weight.shape)
+        for name, m in model.named_modules()
+        if name and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
+    }
+
+
 def target_shapes(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
-    """For each part, the module paths that have a weight, with the weight's shape."""
-    targets = {}
-    for part, model in pipeline_parts(pipe).items():
-        targets[part] = {
-            name: tuple(m.weight.shape)
-            for name, m in model.named_modules()
-            if name and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
-        }
-    return targets
+    """For each part of the pipeline, its module paths with a weight and the weight's shape."""
+    return {part: module_shapes(model) for part, model in pipeline_parts(pipe).items()}
 
 
 @dataclass(frozen=True, eq=False)

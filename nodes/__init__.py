@@ -3,13 +3,14 @@
 from . import comfy_host
 from .common import node_id
 from .load_dreambooth import LoadDreamBooth
-from .load_lora import LoadLoRA, UnloadLoRA
+from .load_lora import ExportLoRA, LoadLoRA, UnloadLoRA
 from .sampler import Sampler
 
 _NODES = {
     LoadDreamBooth: "Load DreamBooth Checkpoint (Diffusers)",
     LoadLoRA: "Load LoRA (Diffusers)",
     UnloadLoRA: "Unload LoRAs (Diffusers)",
+    ExportLoRA: "Export LoRA to diffusers/PEFT",
     Sampler: "Diffusers Sampler",
 }
 

@@ -135,6 +135,15 @@ def resolve_model_path(folder: str, name: str, want_dir: bool = False) -> Path:
     )
 
 
+def new_model_path(folder: str, name: str) -> Path:
+    """Where a node may write a new file `name` in the model folder `folder` (its first root)."""
+    root = folder_roots(folder)[0].resolve()
+    path = (root / _clean_name(name)).resolve()
+    if root not in path.parents:
+        raise ModelPathError(f"Refused {name!r}: it would be written outside {root}.")
+    return path
+
+
 # ---------------------------------------------------------------- progress and interruption
 _interrupt = threading.Event()
 

@@ -110,3 +110,57 @@ class UnloadLoRA:
 
     def unload(self, pipeline: PipelineHandle):
         return (pipeline.without_kind(LORA),)
+
+
+class ExportLoRA:
+    DESCRIPTION = (
+        "Writes a LoRA from models/loras (any supported format: Kohya, LyCORIS LoHa/LoKr, ...) as a "
+        "diffusers/PEFT safetensors file that diffusers' load_lora_weights loads, with the same effect: "
+        "LoHa/LoKr become an exact LoRA of the rank they need. Parts diffusers cannot hold (norm diffs, "
+        "bundled embeddings) are left out and listed."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("info",)
+    OUTPUT_TOOLTIPS = ("Where the file was written and what was left out.",)
+    FUNCTION = "export"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "pipeline": (
+                    PIPELINE,
+                    {"tooltip": "A pipeline of the LoRA's family (gives the layer shapes)."},
+                ),
+                "lora_name": (comfy_host.list_model_files("loras"), {"tooltip": "The LoRA to convert."}),
+                "filename": (
+                    "STRING",
+                    {
+                        "default": "exported/lora_peft",
+                        "tooltip": "Name of the new file in models/loras "
+                        "(.safetensors is added); subfolders allowed.",
+                    },
+                ),
+                "overwrite": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Replace an existing file of that name."},
+                ),
+            }
+        }
+
+    def export(self, pipeline: PipelineHandle, lora_name: str, filename: str, overwrite: bool):
+        from ..loaders.lora_files import export_peft
+        from ..loaders.lora_patcher import target_shapes
+
+        source = comfy_host.resolve_model_path("loras", lora_name)
+        lora = read_lora(source, pipeline.base)
+        out = comfy_host.new_model_path(
+            "loras", filename if filename.endswith(".safetensors") else filename + ".safetensors"
+        )
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"{out} exists; set overwrite or choose another filename.")
+        dropped = export_peft(lora, target_shapes(pipeline.base.pipe), out)
+        info = f"wrote {out}" + (f"\nleft out: {'; '.join(dropped)}" if dropped else "")
+        return {"ui": {"text": [info]}, "result": (info,)}

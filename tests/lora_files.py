@@ -3,12 +3,18 @@ LoRA state dicts written in trainers' key layouts from real module names."""
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from comfyui_diffusers_adapters.loaders.base_models import BaseModel
+from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle
+from testlib import tiny_pipeline
 
 TARGET_TYPES = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 LORA_TYPES = (nn.Linear, nn.Conv2d)
@@ -198,3 +204,32 @@ def kohya_lora(
 def in_transformer(path: str) -> bool:
     """Kohya's default LoRA targets: the Linear/Conv2d layers inside each Transformer2DModel."""
     return ".attentions." in path
+
+
+# ------------------------------------------------------------------ tiny pipelines and files
+def fresh_handle(family="sd1", dtype=torch.float32):
+    """A handle on a private copy of the tiny pipeline (tests mutate weights through the sampler)."""
+    src = tiny_pipeline(family)
+    pipe = type(src)(**{k: copy.deepcopy(v) for k, v in src.components.items()})
+    pipe.to(dtype=dtype)
+    return PipelineHandle(BaseModel(pipe, family, "tiny", dtype, torch.device("cpu"), "epsilon"))
+
+
+def write_kohya(models_root, name, family="sd1", seed=0, only=None, te=True):
+    """A Kohya file for the tiny pipeline: every Linear/Conv2d of the UNet (LoCon on convs) and the
+    text encoder, real Kohya names from the module paths, a different alpha per layer."""
+    torch.manual_seed(seed)
+    pipe = tiny_pipeline(family)
+    sd = kohya_lora(pipe.unet, "lora_unet_", device="cpu", only=only)
+    if te:
+        sd.update(kohya_lora(pipe.text_encoder, "lora_te_", rename=lambda p: "text_model." + p, device="cpu"))
+    sd = {k: v * 0.05 if v.dim() else v for k, v in sd.items()}
+    save_file(
+        sd,
+        str(models_root / "loras" / name),
+        metadata={
+            "ss_output_name": "style",
+            "ss_tag_frequency": '{"5_zxc style": {"zxc style": 12, "red": 4}}',
+        },
+    )
+    return sd

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from lora_files import kohya_lora, lora_modules
+from lora_files import fresh_handle, lora_modules, write_kohya
 from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
 from comfyui_diffusers_adapters.loaders import lora_files
-from comfyui_diffusers_adapters.loaders.base_models import BaseModel
-from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle, materialized
+from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA
-from testlib import tiny_pipeline
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -24,34 +20,6 @@ def fresh_caches():
     lora_files._cache.clear()
     yield
     lora_files._cache.clear()
-
-
-def fresh_handle(family="sd1", dtype=torch.float32):
-    """A handle on a private copy of the tiny pipeline (tests mutate weights through the sampler)."""
-    src = tiny_pipeline(family)
-    pipe = type(src)(**{k: copy.deepcopy(v) for k, v in src.components.items()})
-    pipe.to(dtype=dtype)
-    return PipelineHandle(BaseModel(pipe, family, "tiny", dtype, torch.device("cpu"), "epsilon"))
-
-
-def write_kohya(models_root, name, family="sd1", seed=0, only=None, te=True):
-    """A Kohya file for the tiny pipeline: every Linear/Conv2d of the UNet (LoCon on convs) and the
-    text encoder, real Kohya names from the module paths, a different alpha per layer."""
-    torch.manual_seed(seed)
-    pipe = tiny_pipeline(family)
-    sd = kohya_lora(pipe.unet, "lora_unet_", device="cpu", only=only)
-    if te:
-        sd.update(kohya_lora(pipe.text_encoder, "lora_te_", rename=lambda p: "text_model." + p, device="cpu"))
-    sd = {k: v * 0.05 if v.dim() else v for k, v in sd.items()}
-    save_file(
-        sd,
-        str(models_root / "loras" / name),
-        metadata={
-            "ss_output_name": "style",
-            "ss_tag_frequency": '{"5_zxc style": {"zxc style": 12, "red": 4}}',
-        },
-    )
-    return sd
 
 
 def expected_weight(base_weight, sd, name, strength):
