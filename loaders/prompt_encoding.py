@@ -107,18 +107,35 @@ def parse_prompt_weights(text: str) -> list[tuple[str, float]]:
 # ----------------------------------------------------------------------------------------- tokenizing
 
 
+def _multi_vector_ids(tokenizer) -> dict[int, list[int]]:
+    """Added token id -> ids of all its vectors, for multi-vector textual inversion embeddings
+    (diffusers adds `tok`, `tok_1`, `tok_2`, ... and the prompt names only `tok`)."""
+    added = tokenizer.added_tokens_encoder
+    expansion = {}
+    for token, token_id in added.items():
+        ids, i = [token_id], 1
+        while f"{token}_{i}" in added:
+            ids.append(added[f"{token}_{i}"])
+            i += 1
+        if len(ids) > 1:
+            expansion[token_id] = ids
+    return expansion
+
+
 def _token_ids(text: str, tokenizer) -> list[int]:
     # The tokenizer's own call, so tokens added later (textual inversion) stay single tokens.
-    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+    expansion = _multi_vector_ids(tokenizer) if tokenizer.added_tokens_encoder else {}
+    return [i for token_id in ids for i in expansion.get(token_id, [token_id])]
 
 
 def _embedding_token_ids(name: str, tokenizer) -> list[int] | None:
-    """Token ids standing for the textual-inversion embedding `name`, or None when it is not loaded.
-
-    Hook for textual inversion: once embeddings are loaded into the pipeline's tokenizer/text encoder,
-    return the ids of the tokens diffusers added for `name` (all vectors of a multi-vector embedding).
-    """
-    return None
+    """Token ids standing for the textual-inversion embedding `name` (all vectors of a multi-vector
+    embedding), or None when it is not loaded. The sampler loads `embedding:name` under that token."""
+    token_id = tokenizer.added_tokens_encoder.get(EMBEDDING_PREFIX + name)
+    if token_id is None:
+        return None
+    return _multi_vector_ids(tokenizer).get(token_id, [token_id])
 
 
 def _embedding_group(text: str, tokenizer, weight: float) -> tuple[TokenWeights | None, str]:

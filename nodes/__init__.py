@@ -4,10 +4,12 @@ from . import comfy_host
 from .common import node_id
 from .load_dreambooth import LoadDreamBooth
 from .load_lora import ExportLoRA, LoadLoRA, UnloadLoRA
+from .load_textual_inversion import LoadTextualInversion
 from .sampler import Sampler
 
 _NODES = {
     LoadDreamBooth: "Load DreamBooth Checkpoint (Diffusers)",
+    LoadTextualInversion: "Load Textual Inversion (Diffusers)",
     LoadLoRA: "Load LoRA (Diffusers)",
     UnloadLoRA: "Unload LoRAs (Diffusers)",
     ExportLoRA: "Export LoRA to diffusers/PEFT",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from ..converters.block_scales import parse_block_scales
+from ..converters.embeddings import parse_embedding
 from ..loaders.lora_files import describe, file_identity, read_lora
 from ..loaders.lora_patcher import LORA, LoraSpec
 from ..loaders.pipeline_handle import PipelineHandle
+from ..loaders.textual_inversion import check_token_unique, make_spec
 from . import comfy_host
 from .common import CATEGORY, PIPELINE
 
@@ -92,12 +94,23 @@ class LoadLoRA:
         }
         key = (file_identity(path), tuple(sorted(strengths.items())), scales)
         spec = LoraSpec(key, lora, strengths, scales.scale, label=lora_name)
+        handle = pipeline.with_adapter(spec)
+        for token, vectors in lora.embeddings.items():  # bundle_emb: embeddings trained with the LoRA
+            ti = make_spec(
+                parse_embedding(vectors), token, base, (file_identity(path), "bundle"), token, lora_name
+            )
+            if ti not in handle.adapters:
+                check_token_unique(handle.adapters, ti)
+                handle = handle.with_adapter(ti)
         info = describe(lora, lora_name)
-        return {"ui": {"text": [info]}, "result": (pipeline.with_adapter(spec), info)}
+        return {"ui": {"text": [info]}, "result": (handle, info)}
 
 
 class UnloadLoRA:
-    DESCRIPTION = "Returns the pipeline without any of its LoRAs (the weights go back exactly when sampling)."
+    DESCRIPTION = (
+        "Returns the pipeline without any of its LoRAs and the embeddings bundled in them (the weights go "
+        "back exactly when sampling)."
+    )
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE,)
     RETURN_NAMES = ("pipeline",)
@@ -109,7 +122,10 @@ class UnloadLoRA:
         return {"required": {"pipeline": (PIPELINE, {"tooltip": "The pipeline to remove every LoRA from."})}}
 
     def unload(self, pipeline: PipelineHandle):
-        return (pipeline.without_kind(LORA),)
+        kept = tuple(
+            s for s in pipeline.adapters if s.kind is not LORA and not getattr(s, "bundled_in", "")
+        )  # embeddings a LoRA file carried go with it
+        return (PipelineHandle(pipeline.base, kept),)
 
 
 class ExportLoRA:

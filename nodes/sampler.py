@@ -10,6 +10,7 @@ from ..loaders.sampling import SamplingSettings, latent_preview, sample
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
 from . import comfy_host
 from .common import CATEGORY, PIPELINE
+from .load_textual_inversion import with_prompt_embeddings
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -125,6 +126,7 @@ class Sampler:
             scheduler,
             clip_skip,
         )
+        pipeline = with_prompt_embeddings(pipeline, positive, negative)
         base = pipeline.base
         comfy_host.check_interrupted()
         if base.device.type != "cpu":

@@ -1,0 +1,173 @@
+"""Textual inversion through diffusers' `load_textual_inversion`, with exact removal.
+
+An embedding becomes one spec on the pipeline socket; applying it adds its token (and the
+`token_1`, `token_2`... sub-tokens of a multi-vector embedding) to each text encoder it has
+vectors for. Removal names every sub-token, and restores the text encoder's vocab size, so the
+tokenizer and the embedding matrix are exactly as before.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..converters.embeddings import Embedding, embedding_width_family
+from .base_models import BaseModel
+from .pipeline_handle import StackKind
+
+TEXTUAL_INVERSION = StackKind("textual_inversion")
+EMBEDDING_PREFIX = "embedding:"
+# SDXL files name their two vector sets after the encoders; single-encoder files use "".
+_SLOTS = {"sdxl": (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))}
+
+
+class TextualInversionError(ValueError):
+    """An embedding that does not fit the pipeline or clashes with a token."""
+
+
+def sub_tokens(token: str, n: int) -> list[str]:
+    """The tokens diffusers adds for an n-vector embedding: token, token_1, ..., token_{n-1}."""
+    return [token] + [f"{token}_{i}" for i in range(1, n)]
+
+
+def _slots(embedding: Embedding, base: BaseModel, name: str) -> list[tuple[str, str, torch.Tensor]]:
+    """(tokenizer attribute, text encoder attribute, vectors) for each encoder the embedding feeds."""
+    pipe = base.pipe
+    wanted = _SLOTS.get(base.family, (("", "text_encoder", "tokenizer"),))
+    slots = []
+    for key, encoder_attr, tokenizer_attr in wanted:
+        vectors = embedding.vectors.get(key)
+        if vectors is None and len(embedding.vectors) == 1 and not key:
+            vectors = next(iter(embedding.vectors.values()))
+        encoder = getattr(pipe, encoder_attr)
+        width = encoder.get_input_embeddings().weight.shape[1]
+        if vectors is None or vectors.shape[-1] != width:
+            got = ", ".join(
+                f"{v.shape[-1]} ({embedding_width_family(v.shape[-1])})" for v in embedding.vectors.values()
+            )
+            raise TextualInversionError(
+                f"{name} does not fit this {base.family_name} pipeline: its vectors are {got} wide, but "
+                f"the {encoder_attr} needs {width} ({embedding_width_family(width)})"
+                + (" and the file must have clip_l and clip_g vectors." if base.family == "sdxl" else ".")
+            )
+        slots.append((tokenizer_attr, encoder_attr, vectors))
+    return slots
+
+
+@dataclass(frozen=True, eq=False)
+class TextualInversionSpec:
+    """One embedding on the pipeline socket, under `token`."""
+
+    key: tuple  # (file identity, token)
+    embedding: Embedding
+    token: str
+    slots: tuple  # ((tokenizer attr, text encoder attr, vectors), ...)
+    label: str = ""
+    bundled_in: str = ""  # the LoRA file that carried this embedding (`bundle_emb.*`), if any
+
+    kind = TEXTUAL_INVERSION
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TextualInversionSpec) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def apply(self, pipe) -> Callable[[], None]:
+        undos: list[Callable[[], None]] = []
+        try:
+            for tokenizer_attr, encoder_attr, vectors in self.slots:
+                tokenizer, encoder = getattr(pipe, tokenizer_attr), getattr(pipe, encoder_attr)
+                tokens = sub_tokens(self.token, vectors.shape[0])
+                clash = [t for t in tokens if t in tokenizer.get_vocab()]
+                if clash:
+                    raise TextualInversionError(
+                        f"The token {clash[0]!r} of {self.label or 'this embedding'} is already in the "
+                        "tokenizer (a word or another embedding); choose another token."
+                    )
+                vocab_size = encoder.config.vocab_size
+                pipe.load_textual_inversion(
+                    vectors, token=self.token, tokenizer=tokenizer, text_encoder=encoder
+                )
+                undos.append(_remover(pipe, tokenizer, encoder, tokens, vocab_size))
+        except BaseException:
+            for undo in reversed(undos):
+                undo()
+            raise
+
+        def undo_all() -> None:
+            for undo in reversed(undos):
+                undo()
+
+        return undo_all
+
+
+def _remover(pipe, tokenizer, encoder, tokens: list[str], vocab_size: int) -> Callable[[], None]:
+    def remove() -> None:
+        pipe.unload_textual_inversion(tokens=tokens, tokenizer=tokenizer, text_encoder=encoder)
+        encoder.config.vocab_size = vocab_size  # diffusers leaves the enlarged size behind
+
+    return remove
+
+
+def make_spec(
+    embedding: Embedding, token: str, base: BaseModel, identity: tuple, label: str, bundled_in: str = ""
+) -> TextualInversionSpec:
+    """A validated spec: the embedding fits the pipeline's encoders and the token is new."""
+    if not token.strip() or any(c.isspace() for c in token):
+        raise TextualInversionError(f"Token {token!r} must be one word without spaces.")
+    slots = _slots(embedding, base, label)
+    for tokenizer_attr, _, vectors in slots:
+        tokenizer = getattr(base.pipe, tokenizer_attr)
+        vocab, added = tokenizer.get_vocab(), tokenizer.added_tokens_encoder  # added: other embeddings
+        words = [
+            t
+            for t in sub_tokens(token, vectors.shape[0])
+            if t.lower() + "</w>" in vocab or (t in vocab and t not in added)
+        ]
+        if words:
+            raise TextualInversionError(
+                f"The token {words[0]!r} for {label} is already a word of the tokenizer; "
+                "choose another token "
+                "(for example <name>)."
+            )
+    return TextualInversionSpec((identity, token), embedding, token, tuple(slots), label, bundled_in)
+
+
+def check_token_unique(specs: tuple, spec: TextualInversionSpec) -> None:
+    """Two different embeddings may not share a token on one pipeline."""
+    for other in specs:
+        if isinstance(other, TextualInversionSpec) and other.token == spec.token and other != spec:
+            raise TextualInversionError(
+                f"The token {spec.token!r} is already used by {other.label} on this pipeline; "
+                f"give {spec.label} "
+                "another token."
+            )
+
+
+_EMBEDDING_WORD = re.compile(r"embedding:([^\s()\[\]]+)")
+
+
+def embedding_names(text: str) -> list[str]:
+    """Names written as `embedding:name` in a prompt (ComfyUI syntax), in order, without duplicates."""
+    names = [m.group(1).rstrip(",").rstrip(":") for m in _EMBEDDING_WORD.finditer(text)]
+    # "(embedding:name:1.2)" : the weight belongs to the parentheses, not to the name
+    names = [re.sub(r":[0-9.]+$", "", n) for n in names]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def embedding_file(name: str, resolve: Callable[[str], Path]) -> Path:
+    """The file of `embedding:name`: the name as given, or with a usual extension added."""
+    for candidate in (name, *(name + ext for ext in (".safetensors", ".pt", ".bin", ".pth"))):
+        try:
+            return resolve(candidate)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(
+        f"The prompt uses embedding:{name}, but no file {name}(.safetensors/.pt/.bin) "
+        "is in models/embeddings."
+    )
