@@ -139,3 +139,19 @@ def test_example_workflows_use_only_known_nodes():
         for link in workflow["links"]:
             if link[5] not in CORE_TYPES:
                 assert link[5] == PIPELINE or link[5].startswith("DIFFUSERS_ADAPTERS_")
+
+
+def test_example_workflows_convert_to_complete_api_prompts():
+    from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
+    from comfyui_diffusers_adapters.headless.ui_workflow import ui_to_api
+
+    classes = {**STANDIN_NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
+    for path in sorted((ROOT / "example_workflows").glob("*.json")):
+        api = ui_to_api(json.loads(path.read_text()), classes)
+        for node_id, node in api.items():
+            required = classes[node["class_type"]].INPUT_TYPES()["required"]
+            assert set(required) <= set(node["inputs"]), (
+                path.name,
+                node_id,
+                set(required) - set(node["inputs"]),
+            )
