@@ -16,15 +16,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def load_pack(name: str = PACK_NAME):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(
-        name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """cli.py's loader: by file location, the pack's subpackages kept off the top-level path."""
+    spec = importlib.util.spec_from_file_location("_diffusers_adapters_cli", ROOT / "cli.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli.load_pack(name)
 
 
 load_pack()
