@@ -3,6 +3,7 @@ cli.py's `load_pack`, which also keeps the pack's subpackages off the top-level 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -15,3 +16,26 @@ def load_pack(name: str = PACK_NAME):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     return cli.load_pack(name)
+
+
+def pack_module(name: str):
+    """A module of the pack, e.g. pack_module("loaders.base_models")."""
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.{name}")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+# SD1.5's text encoder (CLIP ViT-L/14 text tower), for full-size measurements with random weights.
+SD15_TEXT = {
+    "vocab_size": 49408,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "projection_dim": 768,
+}

@@ -42,7 +42,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pack import PACK_NAME, load_pack  # noqa: E402
+from _pack import SD15_TEXT, pack_module, verdict  # noqa: E402
 
 SAMPLER_TARGET = 1.03
 LOAD_TIME_TARGET = 1.0
@@ -62,29 +62,10 @@ SD15_VAE = {
     "latent_channels": 4,
     "sample_size": 512,
 }
-SD15_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-
-
-def pack_module(name: str):
-    load_pack()
-    return __import__(f"{PACK_NAME}.{name}", fromlist=["_"])
 
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 # ================================================================ memory sampling (worker side)

@@ -43,25 +43,10 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pack import PACK_NAME, ROOT, load_pack  # noqa: E402
+from _pack import ROOT, SD15_TEXT, load_pack, pack_module, verdict  # noqa: E402
 
 LOAD_TARGET = 1.2
 VECTORS = 8
-SD15_TEXT = {
-    "vocab_size": 49408,
-    "hidden_size": 768,
-    "intermediate_size": 3072,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 12,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "projection_dim": 768,
-}
-
-
-def pack_module(name: str):
-    load_pack()
-    return __import__(f"{PACK_NAME}.{name}", fromlist=["_"])
 
 
 def test_helpers():
@@ -74,10 +59,6 @@ def test_helpers():
     import testlib
 
     return embedding_files_lib, testlib
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
 
 
 # ------------------------------------------------------------------------------ 1. load time
@@ -308,8 +289,7 @@ def bench_reruns(work: Path) -> None:
     from diffusers import StableDiffusionPipeline
 
     emb_lib, testlib = test_helpers()
-    load_pack()
-    pack = sys.modules[PACK_NAME]
+    pack = load_pack()
     node_id = pack_module("nodes.common").node_id
     runner_mod = pack_module("headless.runner")
     standins = pack_module("headless.standin_nodes")

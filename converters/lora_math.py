@@ -275,6 +275,25 @@ def _weight_decompose(
     return weight * scale
 
 
+def _is_plain_lora(patch: LayerPatch, shape: torch.Size) -> bool:
+    """LoRA/LoCon without Tucker mid or DoRA whose factors fit the weight (else the checked path)."""
+    t = patch.tensors
+    if (
+        patch.algorithm != "lora"
+        or "mid" in t
+        or "dora_scale" in t
+        or patch.rank not in (None, t["down"].shape[0])
+    ):
+        return False
+    up, down = t["up"], t["down"]
+    return (
+        up.dim() in (2, 4)
+        and up.shape[0] == shape[0]
+        and up.reshape(up.shape[0], -1).shape[1] == down.shape[0]
+        and down.reshape(down.shape[0], -1).shape[1] * shape[0] == math.prod(shape)
+    )
+
+
 def merged_weight(base_weight: torch.Tensor, patch: LayerPatch, strength: float = 1.0) -> torch.Tensor:
     """The layer's new weight (float32, on base_weight's device) with `patch` applied at `strength`.
 
@@ -283,6 +302,17 @@ def merged_weight(base_weight: torch.Tensor, patch: LayerPatch, strength: float 
     magnitude: at strength 0 a DoRA layer gives W + ΔW, not W.
     """
     base = base_weight.detach().to(torch.float32)
+    if _is_plain_lora(patch, base.shape):
+        # The common case in one pass, no full-size temporaries: W + strength·alpha/r · up @ down.
+        up, down = (patch.tensors[k].to(base.device, torch.float32) for k in ("up", "down"))
+        rank = down.shape[0]
+        out = torch.addmm(
+            base.reshape(base.shape[0], -1),
+            up.reshape(up.shape[0], -1),
+            down.reshape(rank, -1),
+            alpha=float(strength) * _low_rank_scale(patch, rank),
+        )
+        return out.reshape(base.shape)
     delta = weight_delta(patch, tuple(base.shape), device=base.device)
     dora_scale = patch.tensors.get("dora_scale")
     if dora_scale is None:

@@ -86,22 +86,25 @@ def _contributions(specs: tuple) -> dict[ModuleKey, Contribution]:
 def _write(
     module: torch.nn.Module, key: ModuleKey, state: _LoraState, contribution: Contribution | None
 ) -> None:
-    """Set one module's parameters to backup + contributions (or back to the backup)."""
+    """Set one module's parameters to backup + contributions (or back to the backup). The module is
+    only changed once the new values exist, so a failure leaves it as it was."""
     backup = state.backups.get(key)
     if not contribution:
         if backup is not None:
             for name, original in backup.items():
-                getattr(module, name).data.copy_(original)
+                param = getattr(module, name)
+                if original.device == param.device:
+                    param.data = original  # the original tensor itself goes back: exact, no copy
+                else:
+                    param.data.copy_(original)
             del state.backups[key]
         return
-    if backup is None:
-        backup = {"weight": module.weight.detach().to("cpu", copy=True)}
-        if getattr(module, "bias", None) is not None:
-            backup["bias"] = module.bias.detach().to("cpu", copy=True)
-        state.backups[key] = backup
     device = module.weight.device
-    weight = backup["weight"].to(device, torch.float32)
-    bias = backup["bias"].to(device, torch.float32) if "bias" in backup else None
+    originals = backup or {
+        n: getattr(module, n).detach() for n in ("weight", "bias") if getattr(module, n, None) is not None
+    }
+    weight = originals["weight"].to(device, torch.float32)
+    bias = originals["bias"].to(device, torch.float32) if "bias" in originals else None
     part, path = key
     for spec, strength in contribution:
         patch: LayerPatch = spec.lora.patches[part][path]
@@ -109,6 +112,16 @@ def _write(
         db = bias_delta(patch, device)
         if db is not None and bias is not None:
             bias = bias + strength * db
+    if backup is None:
+        # The CPU keeps the original tensors themselves as the backup (no copy); a GPU copies them out.
+        state.backups[key] = {
+            n: t if t.device.type == "cpu" else t.to("cpu", copy=True) for n, t in originals.items()
+        }
+        if device.type == "cpu":
+            module.weight.data = weight.to(module.weight.dtype)
+            if bias is not None:
+                module.bias.data = bias.to(module.bias.dtype)
+            return
     module.weight.data.copy_(weight)
     if bias is not None:
         module.bias.data.copy_(bias)
