@@ -30,13 +30,13 @@ from typing import Iterable, Mapping
 
 import torch
 
+from .checkpoint_layout import FAMILY_NAMES
 from .ldm_export import unet_to_ldm
 from .lora_patch import PARTS, LayerPatch, LoraFile, LoraFormatError
 
 StateDict = Mapping[str, torch.Tensor]
 Targets = Mapping[str, Mapping[str, tuple[int, ...]]]
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 # Width of the text embedding the UNet's cross-attention reads: CLIP-L, OpenCLIP-H, CLIP-L + bigG.
 _CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
