@@ -13,7 +13,6 @@ from typing import Mapping
 import torch
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
-ALGORITHMS = ("lora", "loha", "lokr", "full", "norm")
 
 
 class LoraFormatError(ValueError):

@@ -46,8 +46,8 @@ class PipelineHandle:
     def with_adapter(self, spec: AdapterSpec) -> PipelineHandle:
         return PipelineHandle(self.base, self.adapters + (spec,))
 
-    def without_kind(self, kind: AdapterKind) -> PipelineHandle:
-        return PipelineHandle(self.base, tuple(s for s in self.adapters if s.kind is not kind))
+    def without(self, drop: Callable[[AdapterSpec], bool]) -> PipelineHandle:
+        return PipelineHandle(self.base, tuple(s for s in self.adapters if not drop(s)))
 
 
 def _of_kind(specs: tuple, kind: AdapterKind) -> tuple:

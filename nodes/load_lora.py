@@ -122,10 +122,8 @@ class UnloadLoRA:
         return {"required": {"pipeline": (PIPELINE, {"tooltip": "The pipeline to remove every LoRA from."})}}
 
     def unload(self, pipeline: PipelineHandle):
-        kept = tuple(
-            s for s in pipeline.adapters if s.kind is not LORA and not getattr(s, "bundled_in", "")
-        )  # embeddings a LoRA file carried go with it
-        return (PipelineHandle(pipeline.base, kept),)
+        # Embeddings a LoRA file carried go with it.
+        return (pipeline.without(lambda s: s.kind is LORA or bool(getattr(s, "bundled_in", ""))),)
 
 
 class ExportLoRA:
