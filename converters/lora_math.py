@@ -294,6 +294,19 @@ def _is_plain_lora(patch: LayerPatch, shape: torch.Size) -> bool:
     )
 
 
+def plain_lora_factors(
+    patch: LayerPatch, shape: torch.Size, strength: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """(up [out, r], down [r, in·k·k], strength·alpha/r) in float32 for a plain LoRA/LoCon layer, whose
+    merge is one `addmm` into the 2-D view of the weight; None for every other kind of patch."""
+    if not _is_plain_lora(patch, shape):
+        return None
+    up, down = (patch.tensors[k].to(device, torch.float32) for k in ("up", "down"))
+    rank = down.shape[0]
+    alpha = float(strength) * _low_rank_scale(patch, rank)
+    return up.reshape(up.shape[0], -1), down.reshape(rank, -1), alpha
+
+
 def merged_weight(base_weight: torch.Tensor, patch: LayerPatch, strength: float = 1.0) -> torch.Tensor:
     """The layer's new weight (float32, on base_weight's device) with `patch` applied at `strength`.
 
@@ -302,17 +315,11 @@ def merged_weight(base_weight: torch.Tensor, patch: LayerPatch, strength: float 
     magnitude: at strength 0 a DoRA layer gives W + ΔW, not W.
     """
     base = base_weight.detach().to(torch.float32)
-    if _is_plain_lora(patch, base.shape):
+    factors = plain_lora_factors(patch, base.shape, strength, base.device)
+    if factors is not None:
         # The common case in one pass, no full-size temporaries: W + strength·alpha/r · up @ down.
-        up, down = (patch.tensors[k].to(base.device, torch.float32) for k in ("up", "down"))
-        rank = down.shape[0]
-        out = torch.addmm(
-            base.reshape(base.shape[0], -1),
-            up.reshape(up.shape[0], -1),
-            down.reshape(rank, -1),
-            alpha=float(strength) * _low_rank_scale(patch, rank),
-        )
-        return out.reshape(base.shape)
+        up, down, alpha = factors
+        return torch.addmm(base.reshape(base.shape[0], -1), up, down, alpha=alpha).reshape(base.shape)
     delta = weight_delta(patch, tuple(base.shape), device=base.device)
     dora_scale = patch.tensors.get("dora_scale")
     if dora_scale is None:

@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..converters.lora_math import bias_delta, merged_weight
-from ..converters.lora_patch import PARTS, LayerPatch, LoraFile
+from ..converters.lora_math import bias_delta, merged_weight, plain_lora_factors
+from ..converters.lora_patch import PARTS, LoraFile
 from .base_models import BaseModel
 
 ModuleKey = tuple[str, str]  # (part, module path)
@@ -99,32 +99,58 @@ def _write(
                     param.data.copy_(original)
             del state.backups[key]
         return
-    device = module.weight.device
+    device, dtype = module.weight.device, module.weight.dtype
     originals = backup or {
         n: getattr(module, n).detach() for n in ("weight", "bias") if getattr(module, n, None) is not None
     }
-    weight = originals["weight"].to(device, torch.float32)
-    bias = originals["bias"].to(device, torch.float32) if "bias" in originals else None
     part, path = key
-    for spec, strength in contribution:
-        patch: LayerPatch = spec.lora.patches[part][path]
-        weight = merged_weight(weight, patch, strength)
+    patches = [(spec.lora.patches[part][path], strength) for spec, strength in contribution]
+    bias = originals["bias"].to(device, torch.float32) if "bias" in originals else None
+    for patch, strength in patches:
         db = bias_delta(patch, device)
         if db is not None and bias is not None:
             bias = bias + strength * db
+    weight = _low_precision_cpu_merge(originals["weight"], patches) if device.type == "cpu" else None
+    if weight is None:
+        weight = originals["weight"].to(device, torch.float32)
+        for patch, strength in patches:
+            weight = merged_weight(weight, patch, strength)
     if backup is None:
         # The CPU keeps the original tensors themselves as the backup (no copy); a GPU copies them out.
         state.backups[key] = {
             n: t if t.device.type == "cpu" else t.to("cpu", copy=True) for n, t in originals.items()
         }
-        if device.type == "cpu":
-            module.weight.data = weight.to(module.weight.dtype)
-            if bias is not None:
-                module.bias.data = bias.to(module.bias.dtype)
-            return
+    if device.type == "cpu":
+        module.weight.data = weight.to(dtype)
+        if bias is not None:
+            module.bias.data = bias.to(module.bias.dtype)
+        return
     module.weight.data.copy_(weight)
     if bias is not None:
         module.bias.data.copy_(bias)
+
+
+_ROWS_BLOCK_ELEMENTS = 1 << 18  # fp32 elements per block of rows: 1 MiB, stays in cache
+
+
+def _low_precision_cpu_merge(original: torch.Tensor, patches: list) -> torch.Tensor | None:
+    """fp16/bf16 weights on the CPU, plain LoRA layers only: accumulate in fp32 one block of rows at
+    a time, writing the result in the weight's dtype. Avoids full-size fp32 temporaries, which cost
+    more than the arithmetic (page faults). None when the layer needs the general path."""
+    if original.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    factors = [plain_lora_factors(p, original.shape, s, original.device) for p, s in patches]
+    if any(f is None for f in factors):
+        return None
+    src = original.reshape(original.shape[0], -1)
+    out = torch.empty_like(src)
+    step = max(1, _ROWS_BLOCK_ELEMENTS // src.shape[1])
+    for i in range(0, src.shape[0], step):
+        acc = src[i : i + step].to(torch.float32)
+        for up, down, alpha in factors:
+            acc.addmm_(up[i : i + step], down, alpha=alpha)
+        out[i : i + step] = acc
+    return out.reshape(original.shape)
 
 
 class LoraKind:
