@@ -83,11 +83,16 @@ def encode_conditioning(pipe: DiffusionPipeline, s: SamplingSettings) -> dict:
     return kwargs
 
 
-def sample(pipe: DiffusionPipeline, s: SamplingSettings, on_step: StepCallback | None = None) -> torch.Tensor:
+def sample(
+    pipe: DiffusionPipeline,
+    s: SamplingSettings,
+    on_step: StepCallback | None = None,
+    extra: dict | None = None,
+) -> torch.Tensor:
     """Images as ComfyUI IMAGE: float32 [batch, height, width, 3] in 0..1, on the CPU.
 
     The pipeline's scheduler is swapped for this run only and restored afterwards, also when
-    `on_step` raises (interruption)."""
+    `on_step` raises (interruption). `extra`: more pipeline keywords (IP-Adapter image embeds)."""
     scheduler = make_scheduler(s.sampler_name, s.scheduler, dict(pipe.scheduler.config))
     conditioning = encode_conditioning(pipe, s)
 
@@ -101,6 +106,7 @@ def sample(pipe: DiffusionPipeline, s: SamplingSettings, on_step: StepCallback |
     try:
         out = pipe(
             **conditioning,
+            **(extra or {}),
             num_inference_steps=s.steps,
             guidance_scale=s.cfg,
             width=s.width,

@@ -1,6 +1,7 @@
 """ComfyUI nodes (V1 dict API). Thin: they resolve files, validate, and call loaders/."""
 
 from . import comfy_host
+from .apply_ip_adapter import ApplyIPAdapter
 from .common import node_id
 from .load_dreambooth import LoadDreamBooth
 from .load_lora import ExportLoRA, LoadLoRA, UnloadLoRA
@@ -12,6 +13,7 @@ _NODES = {
     LoadTextualInversion: "Load Textual Inversion (Diffusers)",
     LoadLoRA: "Load LoRA (Diffusers)",
     UnloadLoRA: "Unload LoRAs (Diffusers)",
+    ApplyIPAdapter: "Apply IP-Adapter (Diffusers)",
     ExportLoRA: "Export LoRA to diffusers/PEFT",
     Sampler: "Diffusers Sampler",
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..loaders.base_models import same_device
+from ..loaders.ip_adapters import ip_adapter_inputs
 from ..loaders.pipeline_handle import PipelineHandle, materialized
 from ..loaders.sampling import SamplingSettings, latent_preview, sample
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
@@ -139,7 +140,8 @@ class Sampler:
             if not same_device(pipe.device, base.device):  # a needless pipe.to() costs 10-20 ms
                 pipe.to(base.device)
             try:
-                images = sample(pipe, settings, comfy_host.step_hook(steps, preview))
+                extra = ip_adapter_inputs(pipeline.adapters, cfg > 1, pipe.device, pipe.unet.dtype)
+                images = sample(pipe, settings, comfy_host.step_hook(steps, preview), extra)
             finally:
                 if offload_after:
                     pipe.to("cpu")

@@ -1,0 +1,250 @@
+"""IP-Adapter files: which variant a state dict is, what it needs, and diffusers' in-memory form.
+
+Pure: works on a mapping of tensors (or anything with `.shape`), reads nothing from disk.
+
+Two file layouts exist and carry the same tensors:
+- `.safetensors`: flat keys `image_proj.<name>` and `ip_adapter.<name>`;
+- `.bin`: `{"image_proj": {<name>: tensor}, "ip_adapter": {<name>: tensor}}`.
+
+The variant follows from the `image_proj` keys, in the order diffusers' loader tests them
+(`UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers`):
+- `proj.weight`                       → "base" (ip-adapter, light, sdxl, sd15_vit-G...): a linear
+  map of the encoder's *projected* image embedding to 4 tokens;
+- `proj.3.weight`                     → "full_face": an MLP over the encoder's *penultimate hidden
+  states* (257 tokens);
+- `perceiver_resampler.proj_in.weight` → "faceid_plus" (FaceID Plus and PlusV2 have the same weights;
+  PlusV2 is a runtime `shortcut` flag): insightface id embedding + penultimate CLIP hidden states;
+- `norm.weight` without `proj.weight`  → "faceid": insightface id embedding only, no image encoder;
+- otherwise (`latents`, `proj_in`...)  → "plus" (plus, plus-face, plus_sdxl_vit-h): a resampler over
+  the penultimate hidden states.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus")
+VARIANT_NAMES = {
+    "base": "IP-Adapter (base / light / SDXL)",
+    "full_face": "IP-Adapter full-face",
+    "plus": "IP-Adapter Plus (resampler)",
+    "faceid": "IP-Adapter FaceID",
+    "faceid_plus": "IP-Adapter FaceID Plus / PlusV2",
+}
+# Cross-attention width of the UNet the adapter was trained for → model family.
+FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Which encoder output the image projection takes.
+USES_HIDDEN_STATES = {"full_face", "plus", "faceid_plus"}
+
+
+class IPAdapterFormatError(ValueError):
+    """A file that is not an IP-Adapter this pack can load (with where it belongs, if known)."""
+
+
+@dataclass
+class IPAdapterFile:
+    image_proj: dict[str, Any]
+    ip_adapter: dict[str, Any]
+    variant: str
+    family: str | None  # None: a cross-attention width no known family uses (e.g. tiny test models)
+    # Width of the image-encoder output the projection takes: the projected image embedding
+    # (`projection_dim`) for "base", the penultimate hidden size for the hidden-state variants;
+    # None for "faceid" (no image encoder).
+    image_embed_dim: int | None
+    cross_attention_dim: int
+    num_tokens: int
+    has_lora: bool
+    id_embed_dim: int | None = None  # insightface embedding width (FaceID variants), else None
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        """Whether the projection takes the encoder's penultimate hidden states (not image_embeds)."""
+        return self.variant in USES_HIDDEN_STATES
+
+    @property
+    def needs_image_encoder(self) -> bool:
+        return self.image_embed_dim is not None
+
+    @property
+    def num_cross_attention_layers(self) -> int:
+        return sum(1 for k in self.ip_adapter if k.endswith(".to_k_ip.weight"))
+
+    @property
+    def variant_name(self) -> str:
+        return VARIANT_NAMES[self.variant]
+
+
+def _shape(t: Any) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _split_layout(state_dict: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(image_proj, ip_adapter) from either layout; a clear error for anything else."""
+    if isinstance(state_dict.get("image_proj"), Mapping) or isinstance(state_dict.get("ip_adapter"), Mapping):
+        image_proj = dict(state_dict.get("image_proj") or {})
+        ip_adapter = dict(state_dict.get("ip_adapter") or {})
+        return image_proj, ip_adapter
+    image_proj, ip_adapter = {}, {}
+    for k, v in state_dict.items():
+        if not isinstance(k, str):
+            continue
+        if k.startswith("image_proj."):
+            image_proj[k[len("image_proj.") :]] = v
+        elif k.startswith("ip_adapter."):
+            ip_adapter[k[len("ip_adapter.") :]] = v
+    return image_proj, ip_adapter
+
+
+def _other_kind(keys: list[str]) -> str:
+    """Where a file that is not an IP-Adapter belongs, as a sentence (or "")."""
+    if any(
+        k.startswith(("lora_unet_", "lora_te")) or ".lora_" in k or "lora_A" in k or "lora.down" in k
+        for k in keys
+    ):
+        return " It looks like a LoRA: put it in models/loras and use the LoRA loader."
+    if any(k.startswith(("model.diffusion_model.", "first_stage_model.", "cond_stage_model.")) for k in keys):
+        return " It looks like a Stable Diffusion checkpoint: put it in models/checkpoints."
+    if any(k.startswith(("vision_model.", "visual.", "visual_projection.")) for k in keys):
+        return " It looks like a CLIP vision (image encoder) model: put it in models/clip_vision."
+    if any(k in ("emb_params", "string_to_param", "clip_l", "clip_g") for k in keys):
+        return " It looks like a textual inversion embedding: put it in models/embeddings."
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return " It looks like a VAE."
+    if any(k.startswith(("conv_in.", "down_blocks.", "up_blocks.", "mid_block.")) for k in keys):
+        return " It looks like a diffusers UNet."
+    return ""
+
+
+def _variant(image_proj: Mapping[str, Any]) -> str:
+    if "proj.weight" in image_proj:
+        return "base"
+    if "proj.3.weight" in image_proj:
+        return "full_face"
+    if "perceiver_resampler.proj_in.weight" in image_proj:
+        return "faceid_plus"
+    if "norm.weight" in image_proj:
+        return "faceid"
+    return "plus"
+
+
+# Keys each variant's projection cannot do without (checked so a damaged file fails here, clearly,
+# not deep inside diffusers).
+_REQUIRED = {
+    "base": ("proj.weight", "norm.weight"),
+    "full_face": ("proj.0.weight", "proj.2.weight", "proj.3.weight"),
+    "plus": ("latents", "proj_in.weight", "proj_out.weight"),
+    "faceid": ("proj.0.weight", "proj.2.weight", "norm.weight"),
+    "faceid_plus": (
+        "proj.0.weight",
+        "proj.2.weight",
+        "norm.weight",
+        "perceiver_resampler.proj_in.weight",
+        "perceiver_resampler.proj_out.weight",
+    ),
+}
+
+
+def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
+    """Read an IP-Adapter state dict in either layout; raise IPAdapterFormatError if it is not one."""
+    image_proj, ip_adapter = _split_layout(state_dict)
+    if not image_proj and not ip_adapter:
+        keys = [k for k in state_dict if isinstance(k, str)]
+        raise IPAdapterFormatError(
+            "This file is not an IP-Adapter: it has no 'image_proj' or 'ip_adapter' weights."
+            + _other_kind(keys)
+        )
+    if not image_proj:
+        raise IPAdapterFormatError("This IP-Adapter file has no 'image_proj' weights (the image projection).")
+    if not ip_adapter:
+        raise IPAdapterFormatError("This IP-Adapter file has no 'ip_adapter' weights (the attention layers).")
+
+    variant = _variant(image_proj)
+    missing = [k for k in _REQUIRED[variant] if k not in image_proj]
+    if missing:
+        raise IPAdapterFormatError(
+            f"This {VARIANT_NAMES[variant]} file is incomplete: image_proj lacks {', '.join(missing)}."
+        )
+
+    k_keys = sorted(
+        (k for k in ip_adapter if k.endswith(".to_k_ip.weight")), key=lambda k: int(k.split(".")[0])
+    )
+    if not k_keys:
+        raise IPAdapterFormatError("This IP-Adapter file has no '<n>.to_k_ip.weight' attention weights.")
+    for k in k_keys:
+        if k.replace("to_k_ip", "to_v_ip") not in ip_adapter:
+            raise IPAdapterFormatError(f"This IP-Adapter file has {k} but no matching to_v_ip weight.")
+    cross_dims = {_shape(ip_adapter[k])[1] for k in k_keys}
+    if len(cross_dims) != 1:
+        raise IPAdapterFormatError(
+            f"This IP-Adapter's attention layers disagree on the text width ({sorted(cross_dims)})."
+        )
+    (cross_dim,) = cross_dims
+
+    s = {k: _shape(v) for k, v in image_proj.items()}
+    id_embed_dim = None
+    if variant == "base":
+        image_embed_dim = s["proj.weight"][1]
+        proj_out = s["norm.weight"][0]
+        num_tokens = s["proj.weight"][0] // proj_out
+    elif variant == "full_face":
+        image_embed_dim = s["proj.0.weight"][1]
+        proj_out = s["proj.3.weight"][0]
+        num_tokens = 257  # 256 patch tokens + CLS of ViT-H/14 at 224 px, as diffusers assumes
+    elif variant == "plus":
+        image_embed_dim = s["proj_in.weight"][1]
+        proj_out = s["proj_out.weight"][0]
+        num_tokens = s["latents"][1]
+    elif variant == "faceid":
+        image_embed_dim = None
+        id_embed_dim = s["proj.0.weight"][1]
+        proj_out = s["norm.weight"][0]
+        num_tokens = s["proj.2.weight"][0] // proj_out
+    else:  # faceid_plus
+        image_embed_dim = s["perceiver_resampler.proj_in.weight"][1]
+        id_embed_dim = s["proj.0.weight"][1]
+        proj_out = s["perceiver_resampler.proj_out.weight"][0]
+        num_tokens = 4  # diffusers' IPAdapterFaceIDPlusImageProjection default
+    if proj_out != cross_dim:
+        raise IPAdapterFormatError(
+            f"This {VARIANT_NAMES[variant]} file is inconsistent: the image projection makes {proj_out}-wide "
+            f"tokens but the attention layers take {cross_dim}."
+        )
+
+    has_lora = any("_lora." in k for k in ip_adapter)
+    return IPAdapterFile(
+        image_proj=image_proj,
+        ip_adapter=ip_adapter,
+        variant=variant,
+        family=FAMILY_BY_CROSS_ATTENTION.get(cross_dim),
+        image_embed_dim=image_embed_dim,
+        cross_attention_dim=cross_dim,
+        num_tokens=num_tokens,
+        has_lora=has_lora,
+        id_embed_dim=id_embed_dim,
+    )
+
+
+def check_unet(f: IPAdapterFile, cross_attention_dim: int, num_cross_attention_layers: int) -> None:
+    """Raise IPAdapterFormatError when `f` was not made for a UNet of this text width and layer count."""
+    if f.cross_attention_dim != cross_attention_dim:
+        made = FAMILY_BY_CROSS_ATTENTION.get(f.cross_attention_dim)
+        raise IPAdapterFormatError(
+            f"This IP-Adapter was made for a {f.cross_attention_dim}-wide text encoder"
+            + (f" ({made})" if made else "")
+            + f", but the model uses {cross_attention_dim}."
+        )
+    n = f.num_cross_attention_layers
+    if n != num_cross_attention_layers:
+        raise IPAdapterFormatError(
+            f"This IP-Adapter has weights for {n} cross-attention layers, but the model has "
+            f"{num_cross_attention_layers}."
+        )
+
+
+def state_dict_for_diffusers(f: IPAdapterFile) -> dict[str, dict[str, Any]]:
+    """The nested form diffusers' `load_ip_adapter` takes in memory:
+    `pipe.load_ip_adapter(sd, subfolder="", weight_name="", image_encoder_folder=None)`
+    (a dict source cannot load an image encoder: register one on the pipeline first, or use
+    precomputed `ip_adapter_image_embeds`)."""
+    return {"image_proj": dict(f.image_proj), "ip_adapter": dict(f.ip_adapter)}

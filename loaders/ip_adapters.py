@@ -1,0 +1,116 @@
+"""IP-Adapter through diffusers' `load_ip_adapter`, with image embeddings the pack computes itself.
+
+diffusers loads every IP-Adapter of a pipeline in one call (it replaces the attention processors
+as a whole), so this kind reconciles by unloading and loading the wanted list at once. The image
+encoder runs when the node runs (its outputs are cached by image content); the sampler passes the
+results as `ip_adapter_image_embeds`, so the pipeline never needs an image encoder of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from ..converters.ip_adapter_files import IPAdapterFile, state_dict_for_diffusers
+from .base_models import BaseModel
+from .image_encoders import image_processor
+
+EMBEDS_CACHE_SIZE = 32
+_embeds_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+_embeds_lock = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False)
+class IPAdapterSpec:
+    """One IP-Adapter with its reference images' embeddings ([1, n_images, ...]) and scale."""
+
+    key: tuple  # (adapter file identity, encoder identity, image digest, scale)
+    file: IPAdapterFile
+    positive: torch.Tensor
+    negative: torch.Tensor
+    scale: float
+    label: str = ""
+
+    @property
+    def kind(self) -> IPAdapterKind:
+        return IP_ADAPTER
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IPAdapterSpec) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+class IPAdapterKind:
+    name = "ip_adapter"
+
+    def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
+        pipe = base.pipe
+        try:
+            self._load(pipe, wanted)
+        except BaseException:
+            self._load(pipe, current)
+            raise
+
+    @staticmethod
+    def _load(pipe, specs: tuple) -> None:
+        if getattr(pipe.unet, "encoder_hid_proj", None) is not None:
+            pipe.unload_ip_adapter()  # restores the default attention processors
+        if specs:
+            n = len(specs)
+            sources = [state_dict_for_diffusers(s.file) for s in specs]
+            pipe.load_ip_adapter(sources, subfolder=[""] * n, weight_name=[""] * n, image_encoder_folder=None)
+            pipe.set_ip_adapter_scale([s.scale for s in specs])
+
+
+IP_ADAPTER = IPAdapterKind()
+
+
+def image_digest(images: torch.Tensor) -> str:
+    """Content hash of a ComfyUI IMAGE batch (the cache key for its embeddings)."""
+    data = images.detach().cpu().contiguous()
+    return hashlib.sha256(str(tuple(data.shape)).encode() + data.numpy().tobytes()).hexdigest()
+
+
+def encode_images(
+    encoder, images: torch.Tensor, hidden_states: bool, encoder_key: tuple
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive, negative) embeddings of a ComfyUI IMAGE batch [n, H, W, 3] as diffusers computes
+    them in `encode_image`: image_embeds (negative: zeros) or, for Plus-style adapters, the penultimate
+    hidden states (negative: those of a zero image). Shapes [1, n, ...], cached by image content."""
+    key = (encoder_key, image_digest(images), hidden_states)
+    with _embeds_lock:
+        if key in _embeds_cache:
+            _embeds_cache.move_to_end(key)
+            return _embeds_cache[key]
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    processed = image_processor(encoder.config.image_size)(list(pixels), return_tensors="pt").pixel_values
+    param = next(encoder.parameters())
+    processed = processed.to(param.device, param.dtype)
+    with torch.no_grad():
+        if hidden_states:
+            positive = encoder(processed, output_hidden_states=True).hidden_states[-2]
+            negative = encoder(torch.zeros_like(processed), output_hidden_states=True).hidden_states[-2]
+        else:
+            positive = encoder(processed).image_embeds
+            negative = torch.zeros_like(positive)
+    result = (positive[None].cpu(), negative[None].cpu())
+    with _embeds_lock:
+        _embeds_cache[key] = result
+        while len(_embeds_cache) > EMBEDS_CACHE_SIZE:
+            _embeds_cache.popitem(last=False)
+    return result
+
+
+def ip_adapter_inputs(adapters: tuple, guidance: bool, device, dtype) -> dict:
+    """The `ip_adapter_image_embeds` keyword for a pipeline call, or {} without IP-Adapters."""
+    specs = [s for s in adapters if isinstance(s, IPAdapterSpec)]
+    if not specs:
+        return {}
+    embeds = [torch.cat([s.negative, s.positive]) if guidance else s.positive for s in specs]
+    return {"ip_adapter_image_embeds": [e.to(device, dtype) for e in embeds]}
