@@ -18,6 +18,7 @@ import torch
 from ..converters.ip_adapter_files import IPAdapterFile, state_dict_for_diffusers
 from .base_models import BaseModel
 from .image_encoders import image_processor
+from .pipeline_handle import KeyedSpec
 
 EMBEDS_CACHE_SIZE = 32
 _embeds_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -25,7 +26,7 @@ _embeds_lock = threading.Lock()
 
 
 @dataclass(frozen=True, eq=False)
-class IPAdapterSpec:
+class IPAdapterSpec(KeyedSpec):
     """One IP-Adapter with its reference images' embeddings ([1, n_images, ...]) and scale."""
 
     key: tuple  # (adapter file identity, encoder identity, image digest, scale)
@@ -38,12 +39,6 @@ class IPAdapterSpec:
     @property
     def kind(self) -> IPAdapterKind:
         return IP_ADAPTER
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, IPAdapterSpec) and self.key == other.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
 
 
 class IPAdapterKind:

@@ -19,6 +19,7 @@ import torch
 from ..converters.lora_math import bias_delta, merged_weight, plain_lora_factors
 from ..converters.lora_patch import PARTS, LoraFile
 from .base_models import BaseModel
+from .pipeline_handle import KeyedSpec
 
 ModuleKey = tuple[str, str]  # (part, module path)
 Contribution = tuple  # ((spec, strength), ...) in application order
@@ -43,7 +44,7 @@ def target_shapes(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 @dataclass(frozen=True, eq=False)
-class LoraSpec:
+class LoraSpec(KeyedSpec):
     """One LoRA on the pipeline socket. Equal to another spec when file and settings are equal."""
 
     key: tuple  # (file identity, strengths, parts, block scales): the spec's identity
@@ -55,12 +56,6 @@ class LoraSpec:
     @property
     def kind(self) -> LoraKind:
         return LORA
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, LoraSpec) and self.key == other.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
 
     def strength_for(self, part: str, path: str) -> float:
         return self.strengths.get(part, 0.0) * self.block_scale(part, path)

@@ -38,6 +38,19 @@ class AdapterSpec(Protocol):
     kind: AdapterKind
 
 
+class KeyedSpec:
+    """Base of adapter specs: equal and hashed by `key` (file identity and settings), never by the
+    tensors they hold, so an unchanged node output applies as "no change"."""
+
+    key: tuple
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
 @dataclass(frozen=True)
 class PipelineHandle:
     base: BaseModel

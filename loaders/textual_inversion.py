@@ -17,7 +17,7 @@ import torch
 
 from ..converters.embeddings import Embedding, embedding_width_family
 from .base_models import BaseModel
-from .pipeline_handle import StackKind
+from .pipeline_handle import KeyedSpec, StackKind
 
 TEXTUAL_INVERSION = StackKind("textual_inversion")
 EMBEDDING_PREFIX = "embedding:"
@@ -59,7 +59,7 @@ def _slots(embedding: Embedding, base: BaseModel, name: str) -> list[tuple[str, 
 
 
 @dataclass(frozen=True, eq=False)
-class TextualInversionSpec:
+class TextualInversionSpec(KeyedSpec):
     """One embedding on the pipeline socket, under `token`."""
 
     key: tuple  # (file identity, token)
@@ -70,12 +70,6 @@ class TextualInversionSpec:
     bundled_in: str = ""  # the LoRA file that carried this embedding (`bundle_emb.*`), if any
 
     kind = TEXTUAL_INVERSION
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, TextualInversionSpec) and self.key == other.key
-
-    def __hash__(self) -> int:
-        return hash(self.key)
 
     def apply(self, pipe) -> Callable[[], None]:
         undos: list[Callable[[], None]] = []
