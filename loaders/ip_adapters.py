@@ -33,7 +33,7 @@ class IPAdapterSpec(KeyedSpec):
     file: IPAdapterFile
     positive: torch.Tensor
     negative: torch.Tensor
-    scale: float
+    scale: float | dict  # what set_ip_adapter_scale takes: a number or per-block values
     label: str = ""
 
     @property
@@ -109,3 +109,15 @@ def ip_adapter_inputs(adapters: tuple, guidance: bool, device, dtype) -> dict:
         return {}
     embeds = [torch.cat([s.negative, s.positive]) if guidance else s.positive for s in specs]
     return {"ip_adapter_image_embeds": [e.to(device, dtype) for e in embeds]}
+
+
+def unet_attention_layout(unet) -> dict[str, dict[int, int]]:
+    """Block index -> transformer layers, for the UNet's down and up blocks that have attention."""
+    return {
+        side: {
+            i: len(b.attentions)
+            for i, b in enumerate(getattr(unet, f"{side}_blocks"))
+            if hasattr(b, "attentions")
+        }
+        for side in ("down", "up")
+    }

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 from ..converters.checkpoint_layout import FAMILY_NAMES
 from ..converters.ip_adapter_files import IPAdapterFormatError, check_unet, parse_ip_adapter
+from ..converters.ip_adapter_scales import parse_block_scales, scaled
 from ..loaders.image_encoders import load_image_encoder
-from ..loaders.ip_adapters import IPAdapterSpec, encode_images, image_digest
+from ..loaders.ip_adapters import IPAdapterSpec, encode_images, image_digest, unet_attention_layout
 from ..loaders.lora_files import file_identity
 from ..loaders.model_files import open_model_file
 from ..loaders.pipeline_handle import PipelineHandle
@@ -53,7 +56,19 @@ class ApplyIPAdapter:
                         "tooltip": "How strongly the images steer the result; 0 has no effect.",
                     },
                 ),
-            }
+            },
+            "optional": {
+                "block_scales": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Optional per-block scales, multiplied by scale: an InstantStyle preset "
+                        "for SDXL (style, composition, style and composition) or a diffusers "
+                        'set_ip_adapter_scale dict as JSON, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}. '
+                        "Blocks not named get 0.",
+                    },
+                ),
+            },
         }
 
     @classmethod
@@ -66,7 +81,15 @@ class ApplyIPAdapter:
         except (OSError, ValueError):
             return (ipadapter, clip_vision)
 
-    def apply(self, pipeline: PipelineHandle, ipadapter: str, clip_vision: str, image, scale: float):
+    def apply(
+        self,
+        pipeline: PipelineHandle,
+        ipadapter: str,
+        clip_vision: str,
+        image,
+        scale: float,
+        block_scales: str = "",
+    ):
         base = pipeline.base
         adapter_path = comfy_host.resolve_model_path("ipadapter", ipadapter)
         source = open_model_file(adapter_path)
@@ -79,6 +102,7 @@ class ApplyIPAdapter:
         unet = base.pipe.unet
         n_cross = sum(1 for name in unet.attn_processors if not name.endswith("attn1.processor"))
         check_unet(adapter, unet.config.cross_attention_dim, n_cross)
+        blocks = parse_block_scales(block_scales, unet_attention_layout(unet), base.family_name)
         if not adapter.needs_image_encoder:
             raise IPAdapterFormatError(
                 f"{ipadapter} is a FaceID adapter: it takes face embeddings, not images."
@@ -95,7 +119,7 @@ class ApplyIPAdapter:
             )
         encoder_key = (file_identity(encoder_path), str(base.dtype), str(base.device))
         positive, negative = encode_images(encoder, image, adapter.uses_hidden_states, encoder_key)
-        key = (file_identity(adapter_path), encoder_key, image_digest(image), scale)
-        spec = IPAdapterSpec(key, adapter, positive, negative, float(scale), ipadapter)
+        key = (file_identity(adapter_path), encoder_key, image_digest(image), scale, json.dumps(blocks))
+        spec = IPAdapterSpec(key, adapter, positive, negative, scaled(blocks, float(scale)), ipadapter)
         info = f"{ipadapter}: {adapter.variant_name}, {image.shape[0]} image(s), scale {scale:g}"
         return {"ui": {"text": [info]}, "result": (pipeline.with_adapter(spec), info)}

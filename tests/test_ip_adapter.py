@@ -151,3 +151,29 @@ def test_wrong_encoder_and_wrong_family_are_refused(models_root):
     save_file(wide, str(models_root / "ipadapter" / "wide.safetensors"))
     with pytest.raises(IPAdapterFormatError, match="image encoder"):
         ApplyIPAdapter().apply(fresh_handle(), "wide.safetensors", encoder_file, reference_image(), 1.0)
+
+
+def test_block_scales_equal_diffusers_dict_and_presets_are_checked(models_root):
+    from comfyui_diffusers_adapters.converters.ip_adapter_scales import IPAdapterScaleError
+
+    encoder_file, _, encoder = setup_files(models_root, "base")
+    image = reference_image()
+    blocks = '{"up": {"block_1": [1.0, 0.5]}}'  # the tiny SD1 UNet's up block with attention
+    handle = ApplyIPAdapter().apply(fresh_handle(), "base.safetensors", encoder_file, image, 0.8, blocks)[
+        "result"
+    ][0]
+    ours = sample(handle)
+    theirs = diffusers_reference("base", models_root, encoder, image, {"up": {"block_1": [0.8, 0.4]}})
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    uniform = ApplyIPAdapter().apply(fresh_handle(), "base.safetensors", encoder_file, image, 0.8)["result"][
+        0
+    ]
+    assert not torch.equal(ours, sample(uniform))
+    with pytest.raises(IPAdapterScaleError, match="block_2"):  # InstantStyle's SDXL blocks are not here
+        ApplyIPAdapter().apply(
+            fresh_handle(), "base.safetensors", encoder_file, image, 1.0, "style and composition"
+        )
+    with pytest.raises(IPAdapterScaleError, match="2 attention layers"):
+        ApplyIPAdapter().apply(
+            fresh_handle(), "base.safetensors", encoder_file, image, 1.0, '{"up": {"block_1": [1]}}'
+        )
