@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 
@@ -35,6 +37,8 @@ class IPAdapterSpec(KeyedSpec):
     negative: torch.Tensor
     scale: float | dict  # what set_ip_adapter_scale takes: a number or per-block values
     label: str = ""
+    start: float = 0.0  # the fraction of the denoising steps where the adapter starts acting
+    end: float = 1.0  # ... and stops
 
     @property
     def kind(self) -> IPAdapterKind:
@@ -121,3 +125,31 @@ def unet_attention_layout(unet) -> dict[str, dict[int, int]]:
         }
         for side in ("down", "up")
     }
+
+
+@contextmanager
+def step_range_schedule(pipe, adapters: tuple, steps: int) -> Iterator[Callable[[int], None] | None]:
+    """For adapters limited to part of the denoising (start/end), a function to call after each step
+    that switches their scale on and off for the next one; the scales the pipeline carries are set
+    back afterwards (also when sampling is interrupted). None when every adapter acts throughout."""
+    specs = [s for s in adapters if isinstance(s, IPAdapterSpec)]
+    if not any(s.start > 0.0 or s.end < 1.0 for s in specs):
+        yield None
+        return
+
+    def scales_for(step: int) -> list:
+        fraction = step / steps
+        return [
+            s.scale if s.start <= fraction < s.end or (s.end >= 1.0 and fraction >= s.start) else 0.0
+            for s in specs
+        ]
+
+    def after_step(completed: int) -> None:
+        if completed < steps:
+            pipe.set_ip_adapter_scale(scales_for(completed))
+
+    pipe.set_ip_adapter_scale(scales_for(0))
+    try:
+        yield after_step
+    finally:
+        pipe.set_ip_adapter_scale([s.scale for s in specs])

@@ -58,6 +58,26 @@ class ApplyIPAdapter:
                 ),
             },
             "optional": {
+                "start_at": (
+                    "FLOAT",
+                    {
+                        "default": 0.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of the denoising steps after which the adapter starts acting.",
+                    },
+                ),
+                "end_at": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Fraction of the denoising steps after which the adapter stops acting.",
+                    },
+                ),
                 "block_scales": (
                     "STRING",
                     {
@@ -88,6 +108,8 @@ class ApplyIPAdapter:
         clip_vision: str,
         image,
         scale: float,
+        start_at: float = 0.0,
+        end_at: float = 1.0,
         block_scales: str = "",
     ):
         base = pipeline.base
@@ -119,7 +141,19 @@ class ApplyIPAdapter:
             )
         encoder_key = (file_identity(encoder_path), str(base.dtype), str(base.device))
         positive, negative = encode_images(encoder, image, adapter.uses_hidden_states, encoder_key)
-        key = (file_identity(adapter_path), encoder_key, image_digest(image), scale, json.dumps(blocks))
-        spec = IPAdapterSpec(key, adapter, positive, negative, scaled(blocks, float(scale)), ipadapter)
+        if not 0.0 <= start_at < end_at <= 1.0:
+            raise ValueError(f"start_at ({start_at}) must be below end_at ({end_at}), both between 0 and 1.")
+        key = (
+            file_identity(adapter_path),
+            encoder_key,
+            image_digest(image),
+            scale,
+            json.dumps(blocks),
+            start_at,
+            end_at,
+        )
+        spec = IPAdapterSpec(
+            key, adapter, positive, negative, scaled(blocks, float(scale)), ipadapter, start_at, end_at
+        )
         info = f"{ipadapter}: {adapter.variant_name}, {image.shape[0]} image(s), scale {scale:g}"
         return {"ui": {"text": [info]}, "result": (pipeline.with_adapter(spec), info)}

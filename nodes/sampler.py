@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..loaders.base_models import same_device
-from ..loaders.ip_adapters import ip_adapter_inputs
+from ..loaders.ip_adapters import ip_adapter_inputs, step_range_schedule
 from ..loaders.pipeline_handle import PipelineHandle, materialized
 from ..loaders.sampling import SamplingSettings, latent_preview, sample
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
@@ -141,7 +141,12 @@ class Sampler:
                 pipe.to(base.device)
             try:
                 extra = ip_adapter_inputs(pipeline.adapters, cfg > 1, pipe.device, pipe.unet.dtype)
-                images = sample(pipe, settings, comfy_host.step_hook(steps, preview), extra)
+                hook = comfy_host.step_hook(steps, preview)
+                with step_range_schedule(pipe, pipeline.adapters, steps) as after_step:
+                    on_step = (
+                        hook if after_step is None else lambda i, latents: (hook(i, latents), after_step(i))
+                    )
+                    images = sample(pipe, settings, on_step, extra)
             finally:
                 if offload_after:
                     pipe.to("cpu")

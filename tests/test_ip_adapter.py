@@ -159,9 +159,9 @@ def test_block_scales_equal_diffusers_dict_and_presets_are_checked(models_root):
     encoder_file, _, encoder = setup_files(models_root, "base")
     image = reference_image()
     blocks = '{"up": {"block_1": [1.0, 0.5]}}'  # the tiny SD1 UNet's up block with attention
-    handle = ApplyIPAdapter().apply(fresh_handle(), "base.safetensors", encoder_file, image, 0.8, blocks)[
-        "result"
-    ][0]
+    handle = ApplyIPAdapter().apply(
+        fresh_handle(), "base.safetensors", encoder_file, image, 0.8, block_scales=blocks
+    )["result"][0]
     ours = sample(handle)
     theirs = diffusers_reference("base", models_root, encoder, image, {"up": {"block_1": [0.8, 0.4]}})
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -171,9 +171,34 @@ def test_block_scales_equal_diffusers_dict_and_presets_are_checked(models_root):
     assert not torch.equal(ours, sample(uniform))
     with pytest.raises(IPAdapterScaleError, match="block_2"):  # InstantStyle's SDXL blocks are not here
         ApplyIPAdapter().apply(
-            fresh_handle(), "base.safetensors", encoder_file, image, 1.0, "style and composition"
+            fresh_handle(), "base.safetensors", encoder_file, image, 1.0, block_scales="style and composition"
         )
     with pytest.raises(IPAdapterScaleError, match="2 attention layers"):
         ApplyIPAdapter().apply(
-            fresh_handle(), "base.safetensors", encoder_file, image, 1.0, '{"up": {"block_1": [1]}}'
+            fresh_handle(),
+            "base.safetensors",
+            encoder_file,
+            image,
+            1.0,
+            block_scales='{"up": {"block_1": [1]}}',
         )
+
+
+def test_start_and_end_of_the_denoising_range(models_root):
+    encoder_file, _, _ = setup_files(models_root, "base")
+    image, handle = reference_image(), fresh_handle()
+
+    def run(start, end, scale=1.0):
+        node = ApplyIPAdapter().apply(handle, "base.safetensors", encoder_file, image, scale, start, end)
+        return sample(node["result"][0])
+
+    whole, plain = run(0.0, 1.0), sample(handle)
+    assert torch.equal(run(0.0, 1.0), whole)
+    torch.testing.assert_close(run(0.99, 1.0), plain, rtol=1e-6, atol=1e-6)  # never acts in 3 steps
+    late = run(0.5, 1.0)
+    assert not torch.equal(late, whole) and not torch.equal(late, plain)
+    run(0.0, 0.4)  # its last step runs without the adapter
+    processors = [p for p in handle.base.pipe.unet.attn_processors.values() if hasattr(p, "scale")]
+    assert processors and all(p.scale == [1.0] for p in processors)  # the carried scale is set back
+    with pytest.raises(ValueError, match="start_at"):
+        ApplyIPAdapter().apply(handle, "base.safetensors", encoder_file, image, 1.0, 0.6, 0.4)
