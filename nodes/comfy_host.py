@@ -8,6 +8,7 @@ names, a text progress bar and an interrupt flag. Nothing else in the pack impor
 from __future__ import annotations
 
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -26,7 +27,9 @@ except ImportError:  # tests, the command line
 PACK_FOLDERS = ("ipadapter", "insightface")
 MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "embeddings", "clip_vision") + PACK_FOLDERS
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
-MAX_NAME_LENGTH = 512
+# NAME_MAX and PATH_MAX of common file systems: longer names are refused before the OS sees them.
+MAX_COMPONENT_BYTES = 255
+MAX_NAME_BYTES = 4096
 
 
 class ModelPathError(ValueError):
@@ -99,29 +102,53 @@ def list_model_dirs(folder: str, marker: str) -> list[str]:
 
 
 def _clean_name(name: str) -> str:
+    """A file name from a workflow as a relative, forward-slash path that cannot leave its folder.
+
+    Workflows come from strangers: refuse NUL bytes, over-long names, absolute or drive paths and
+    `..` before anything touches the file system. Backslashes (workflows saved on Windows) are
+    separators, so `sdxl\\style.safetensors` is `sdxl/style.safetensors` and `..\\x` is refused."""
     if not isinstance(name, str) or not name.strip():
         raise ModelPathError("No file name was given.")
-    if "\x00" in name or len(name) > MAX_NAME_LENGTH:
-        raise ModelPathError(f"Refused file name {name[:80]!r}: it contains a NUL byte or is too long.")
-    name = name.replace("\\", "/")  # workflows saved on Windows
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":") or ".." in name.split("/"):
+    shown = repr(name[:80]) + ("..." if len(name) > 80 else "")
+    if "\x00" in name:
+        raise ModelPathError(f"Refused file name {shown}: it contains a NUL byte.")
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeError:
+        raise ModelPathError(f"Refused file name {shown}: it is not valid text.") from None
+    if len(encoded) > MAX_NAME_BYTES:
+        raise ModelPathError(f"Refused file name {shown}: it is longer than {MAX_NAME_BYTES} bytes.")
+    name = name.replace("\\", "/")
+    parts = name.split("/")
+    if any(len(os.fsencode(p)) > MAX_COMPONENT_BYTES for p in parts):
+        raise ModelPathError(
+            f"Refused file name {shown}: a part of it is longer than {MAX_COMPONENT_BYTES} bytes."
+        )
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name) or ".." in parts:
         raise ModelPathError(
             f"Refused file name {name!r}: names must be relative to a model folder, without '..'."
         )
-    return name
+    clean = "/".join(p for p in parts if p not in ("", "."))
+    if not clean:
+        raise ModelPathError(f"Refused file name {name!r}: it names the model folder itself.")
+    return clean
 
 
 def resolve_model_path(folder: str, name: str, want_dir: bool = False) -> Path:
     """The full path of `name` inside the model folder `folder`.
 
     Refuses anything that could reach outside the model folders: absolute paths, `..`, NUL
-    bytes, and symlinks whose target leaves the folder.
+    bytes, over-long names, and symlinks whose target leaves the folder (`ModelPathError`).
     """
     clean = _clean_name(name)
     roots = folder_roots(folder)
     for root in roots:
         candidate = root / clean
-        if not (candidate.is_dir() if want_dir else candidate.is_file()):
+        try:
+            found = candidate.is_dir() if want_dir else candidate.is_file()
+        except OSError as e:  # e.g. the whole path exceeds PATH_MAX under a deep root
+            raise ModelPathError(f"Refused {name!r}: {e.strerror or e}.") from None
+        if not found:
             continue
         real_root, real = root.resolve(), candidate.resolve()
         if real != real_root and real_root not in real.parents:
