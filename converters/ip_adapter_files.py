@@ -17,12 +17,19 @@ The variant follows from the `image_proj` keys, in the order diffusers' loader t
 - `norm.weight` without `proj.weight`  → "faceid": insightface id embedding only, no image encoder;
 - otherwise (`latents`, `proj_in`...)  → "plus" (plus, plus-face, plus_sdxl_vit-h): a resampler over
   the penultimate hidden states.
+
+FaceID files (FaceID, Plus, PlusV2 for SD1.5/SDXL) also carry a LoRA in `ip_adapter`:
+`N.to_{q,k,v,out}_lora.{down,up}.weight`, N numbering the UNet's attention processors (self- and
+cross-attention) in `unet.attn_processors` order, as diffusers' `_load_ip_adapter_loras` reads it.
+FaceID Portrait files are FaceID projections (16 tokens, several faces) without a LoRA. Plus and
+PlusV2 have identical weights: PlusV2 only adds the id embedding back as a shortcut at run time.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus")
 VARIANT_NAMES = {
@@ -36,6 +43,8 @@ VARIANT_NAMES = {
 FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Which encoder output the image projection takes.
 USES_HIDDEN_STATES = {"full_face", "plus", "faceid_plus"}
+# The LoRA of a FaceID file: `<processor index>.to_<q|k|v|out>_lora.<down|up>.weight`.
+_LORA_KEY = re.compile(r"^(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
 class IPAdapterFormatError(ValueError):
@@ -72,7 +81,14 @@ class IPAdapterFile:
 
     @property
     def variant_name(self) -> str:
+        if self.variant == "faceid" and not self.has_lora:
+            return "IP-Adapter FaceID Portrait (no LoRA)"
         return VARIANT_NAMES[self.variant]
+
+    @property
+    def is_face_id(self) -> bool:
+        """Whether the projection takes insightface id embeddings (FaceID, Plus, PlusV2, Portrait)."""
+        return self.id_embed_dim is not None
 
 
 def _shape(t: Any) -> tuple[int, ...]:
@@ -211,7 +227,7 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
             f"tokens but the attention layers take {cross_dim}."
         )
 
-    has_lora = any("_lora." in k for k in ip_adapter)
+    has_lora = any(_LORA_KEY.match(k) for k in ip_adapter)
     return IPAdapterFile(
         image_proj=image_proj,
         ip_adapter=ip_adapter,
@@ -246,5 +262,31 @@ def state_dict_for_diffusers(f: IPAdapterFile) -> dict[str, dict[str, Any]]:
     """The nested form diffusers' `load_ip_adapter` takes in memory:
     `pipe.load_ip_adapter(sd, subfolder="", weight_name="", image_encoder_folder=None)`
     (a dict source cannot load an image encoder: register one on the pipeline first, or use
-    precomputed `ip_adapter_image_embeds`)."""
-    return {"image_proj": dict(f.image_proj), "ip_adapter": dict(f.ip_adapter)}
+    precomputed `ip_adapter_image_embeds`).
+
+    A FaceID file's LoRA is left out: given it, diffusers would load it through PEFT as adapter
+    `faceid_i` and switch every other LoRA off; the pack merges it with its own patcher instead
+    (`faceid_lora_state_dict`)."""
+    ip_adapter = {k: v for k, v in f.ip_adapter.items() if not _LORA_KEY.match(k)}
+    return {"image_proj": dict(f.image_proj), "ip_adapter": ip_adapter}
+
+
+def faceid_lora_state_dict(f: IPAdapterFile, processor_names: Sequence[str]) -> dict[str, Any]:
+    """The LoRA inside a FaceID file, under the old diffusers attention-processor names that the pack's
+    LoRA reader takes (`converters.lora_keys`): `N.to_q_lora.down.weight` becomes
+    `unet.<name of the N-th processor>.to_q_lora.down.weight` (`processor_names`: the keys of
+    `unet.attn_processors`, in order). These LoRAs have no alpha: scale 1, as the original
+    LoRAAttnProcessor applies them. Empty for files without a LoRA."""
+    out: dict[str, Any] = {}
+    for key, value in f.ip_adapter.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            continue
+        index = int(m.group(1))
+        if index >= len(processor_names):
+            raise IPAdapterFormatError(
+                f"This {f.variant_name} file has LoRA weights for attention processor {index}, but the model "
+                f"has {len(processor_names)} attention processors: it was made for another model."
+            )
+        out[f"unet.{processor_names[index]}.{key.split('.', 1)[1]}"] = value
+    return out
