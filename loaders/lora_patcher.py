@@ -81,8 +81,8 @@ def _contributions(specs: tuple) -> dict[ModuleKey, Contribution]:
 def _write(
     module: torch.nn.Module, key: ModuleKey, state: _LoraState, contribution: Contribution | None
 ) -> None:
-    """Set one module's parameters to backup + contributions (or back to the backup). The module is
-    only changed once the new values exist, so a failure leaves it as it was."""
+    """Set one module's parameters to backup + contributions (or back to the backup). Deterministic:
+    the same contribution always gives the same bits, which is what makes rolling back exact."""
     backup = state.backups.get(key)
     if not contribution:
         if backup is not None:
@@ -94,7 +94,7 @@ def _write(
                     param.data.copy_(original)
             del state.backups[key]
         return
-    device, dtype = module.weight.device, module.weight.dtype
+    device = module.weight.device
     originals = backup or {
         n: getattr(module, n).detach() for n in ("weight", "bias") if getattr(module, n, None) is not None
     }
@@ -105,18 +105,23 @@ def _write(
         db = bias_delta(patch, device)
         if db is not None and bias is not None:
             bias = bias + strength * db
-    weight = _low_precision_cpu_merge(originals["weight"], patches) if device.type == "cpu" else None
-    if weight is None:
-        weight = originals["weight"].to(device, torch.float32)
-        for patch, strength in patches:
-            weight = merged_weight(weight, patch, strength)
+    # On the CPU a module that already holds a merged tensor of the pack's own (strength change, one
+    # LoRA of several added or removed) is rewritten in place: fresh memory costs page faults that
+    # take longer than the merge itself.
+    owned = (
+        backup is not None
+        and device.type == "cpu"
+        and module.weight.data_ptr() != backup["weight"].data_ptr()
+    )
+    weight = _merged(originals["weight"], patches, device, module.weight.data if owned else None)
     if backup is None:
         # The CPU keeps the original tensors themselves as the backup (no copy); a GPU copies them out.
         state.backups[key] = {
             n: t if t.device.type == "cpu" else t.to("cpu", copy=True) for n, t in originals.items()
         }
     if device.type == "cpu":
-        module.weight.data = weight.to(dtype)
+        if not owned:
+            module.weight.data = weight
         if bias is not None:
             module.bias.data = bias.to(module.bias.dtype)
         return
@@ -125,27 +130,48 @@ def _write(
         module.bias.data.copy_(bias)
 
 
+def _merged(
+    original: torch.Tensor, patches: list, device: torch.device, out: torch.Tensor | None
+) -> torch.Tensor:
+    """original + each patch at its strength, in float32 then the weight's dtype (on the CPU; a GPU
+    weight is returned in float32 and copied in by the caller). Written into `out` when given."""
+    if device.type == "cpu":
+        factors = [plain_lora_factors(p, original.shape, s, device) for p, s in patches]
+        if all(f is not None for f in factors):
+            return _plain_cpu_merge(original, factors, out)
+    weight = original.to(device, torch.float32)
+    for patch, strength in patches:
+        weight = merged_weight(weight, patch, strength)
+    if device.type != "cpu":
+        return weight
+    if out is None:
+        return weight.to(original.dtype)
+    return out.copy_(weight)
+
+
 _ROWS_BLOCK_ELEMENTS = 1 << 18  # fp32 elements per block of rows: 1 MiB, stays in cache
 
 
-def _low_precision_cpu_merge(original: torch.Tensor, patches: list) -> torch.Tensor | None:
-    """fp16/bf16 weights on the CPU, plain LoRA layers only: accumulate in fp32 one block of rows at
-    a time, writing the result in the weight's dtype. Avoids full-size fp32 temporaries, which cost
-    more than the arithmetic (page faults). None when the layer needs the general path."""
-    if original.dtype not in (torch.float16, torch.bfloat16):
-        return None
-    factors = [plain_lora_factors(p, original.shape, s, original.device) for p, s in patches]
-    if any(f is None for f in factors):
-        return None
+def _plain_cpu_merge(original: torch.Tensor, factors: list, out: torch.Tensor | None) -> torch.Tensor:
+    """Plain LoRA layers on the CPU: one `addmm` per LoRA into the 2-D view of the weight. fp16/bf16
+    weights accumulate in fp32 one block of rows at a time, writing the result in the weight's
+    dtype: full-size fp32 temporaries would cost more than the arithmetic (page faults)."""
     src = original.reshape(original.shape[0], -1)
-    out = torch.empty_like(src)
+    result = torch.empty_like(original) if out is None else out
+    dst = result.view(src.shape)
+    if original.dtype == torch.float32:
+        (up, down, alpha), rest = factors[0], factors[1:]
+        torch.addmm(src, up, down, alpha=alpha, out=dst)
+        for up, down, alpha in rest:
+            dst.addmm_(up, down, alpha=alpha)
+        return result
     step = max(1, _ROWS_BLOCK_ELEMENTS // src.shape[1])
     for i in range(0, src.shape[0], step):
         acc = src[i : i + step].to(torch.float32)
         for up, down, alpha in factors:
             acc.addmm_(up[i : i + step], down, alpha=alpha)
-        out[i : i + step] = acc
-    return out.reshape(original.shape)
+        dst[i : i + step] = acc
+    return result
 
 
 class LoraKind:
@@ -161,8 +187,8 @@ class LoraKind:
         done: list[ModuleKey] = []
         try:
             for key in changed:
+                done.append(key)  # before writing: a failed in-place write is rolled back too
                 _write(parts[key[0]].get_submodule(key[1]), key, state, new.get(key))
-                done.append(key)
         except BaseException:
             for key in reversed(done):  # the same computation as before: bit-exact
                 _write(parts[key[0]].get_submodule(key[1]), key, state, old.get(key))

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
 from comfyui_diffusers_adapters.loaders import lora_files
-from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
+from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle, materialized
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -131,7 +131,32 @@ def test_block_scales_and_apply_to_reach_every_layer_of_a_block(models_root):
         assert torch.equal(pipe.text_encoder.encoder.layers[0].self_attn.q_proj.weight, te_before)
 
 
-def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_changing_strengths_in_place_gives_the_bits_of_a_fresh_apply(models_root, dtype):
+    """Strength changes rewrite the pack's own merged tensors in place; the result must be the same
+    bits as applying those strengths to an untouched model, and removal must give the original."""
+    write_kohya(models_root, "a.safetensors")
+    write_kohya(models_root, "b.safetensors", seed=1)
+    handle = fresh_handle(dtype=DTYPES[dtype])
+    original = unet_state(handle)
+    steps = [("a", 1.0, "b", 0.5), ("a", -0.4, "b", 0.5), ("a", 0.7, "b", 0.0), ("a", 0.7, "b", 1.3)]
+    for a, sa, b, sb in steps:
+        target = load(load(handle, f"{a}.safetensors", sa)[0], f"{b}.safetensors", sb)[0]
+        with materialized(target):
+            changed = unet_state(handle)
+        fresh = fresh_handle(dtype=DTYPES[dtype])
+        with materialized(PipelineHandle(fresh.base, target.adapters)):
+            want = unet_state(fresh)
+        assert all(torch.equal(changed[k], want[k]) for k in want), (sa, sb)
+    with materialized(handle):
+        pass
+    assert all(torch.equal(original[k], v) for k, v in unet_state(handle).items())
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch, when):
+    """A failure on the 25th layer, before its merge or after it was written in place (a strength
+    change rewrites the module's own tensor), leaves every weight as it was."""
     write_kohya(models_root, "a.safetensors")
     write_kohya(models_root, "b.safetensors", seed=1)
     handle = fresh_handle()
@@ -140,15 +165,16 @@ def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch):
     with_a = unet_state(handle)
     from comfyui_diffusers_adapters.loaders import lora_patcher
 
-    real, calls = lora_patcher.merged_weight, []
+    real, calls = lora_patcher._merged, []
 
-    def flaky(weight, patch, strength):
+    def flaky(*args):
         calls.append(1)
+        result = real(*args) if when == "after" else None
         if len(calls) == 25:
             raise RuntimeError("out of memory (simulated)")
-        return real(weight, patch, strength)
+        return real(*args) if result is None else result
 
-    monkeypatch.setattr(lora_patcher, "merged_weight", flaky)
+    monkeypatch.setattr(lora_patcher, "_merged", flaky)
     target = load(load(handle, "a.safetensors", 0.2)[0], "b.safetensors", 1.0)[0]
     with pytest.raises(RuntimeError, match="simulated"):
         with materialized(target):
