@@ -33,7 +33,14 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..converters import checkpoint_layout as layout
 from ..converters.training_metadata import summarize
-from .model_files import ModelFile, open_model_file
+from .model_files import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIXES,
+    ModelFile,
+    check_safetensors_header,
+    load_pickle_state_dict,
+    open_model_file,
+)
 from .schedulers import default_scheduler
 from .tokenizers import END_OF_TEXT, OPEN_CLIP_PAD, clip_tokenizer
 
@@ -250,9 +257,25 @@ def family_of_pipeline(pipe: DiffusionPipeline) -> str:
     )
 
 
+def check_folder_files(folder: Path) -> None:
+    """Check a diffusers folder's weight files the way single files are checked, before diffusers and
+    transformers read them (their errors name no cause): safetensors headers, and pickles with
+    `weights_only` where a component has no safetensors file (else diffusers prefers that one)."""
+    for sub in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        files = sorted(p for p in sub.iterdir() if p.is_file())
+        safetensors = [p for p in files if p.suffix.lower() in SAFETENSORS_SUFFIXES]
+        for path in safetensors:
+            check_safetensors_header(path)
+        if not safetensors:
+            for path in files:
+                if path.suffix.lower() in PICKLE_SUFFIXES:
+                    load_pickle_state_dict(path)
+
+
 def load_diffusers_folder(folder: Path, dtype: torch.dtype, prediction: str = "auto"):
     if not (folder / "model_index.json").is_file():
         raise BaseModelError(f"{folder.name} is not a diffusers model folder (no model_index.json).")
+    check_folder_files(folder)
     try:
         pipe = DiffusionPipeline.from_pretrained(
             folder, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False

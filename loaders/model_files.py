@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -46,48 +47,151 @@ class ModelFile:
             ) from e
 
 
-def _check_safetensors_header(path: Path) -> None:
-    """Fail early with a clear message on a truncated or non-safetensors file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ModelFileError(f"{path.name} is not a safetensors file (only {size} bytes).")
-        (n,) = struct.unpack("<Q", head)
-        if n > min(MAX_HEADER_BYTES, size - 8):
-            raise ModelFileError(f"{path.name} is truncated or not a safetensors file (bad header size).")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, ValueError) as e:
-            raise ModelFileError(f"{path.name} has a corrupt safetensors header.") from e
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if ends and max(ends) > size - 8 - n:
+# Bytes per element of every dtype the safetensors format and torch share (safetensors.torch's table).
+# Sub-byte formats (F4, F6) and anything else are refused: no trainer writes them for these models.
+DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E4M3FNUZ": 1,
+    "F8_E5M2": 1,
+    "F8_E5M2FNUZ": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+    "C64": 8,
+}
+
+
+def _is_count(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def check_safetensors_header(path: Path) -> dict:
+    """The validated header of a safetensors file (tensor name -> dtype, shape, data_offsets).
+
+    Done by hand, before the safetensors library sees the file: its errors ("MetadataIncompleteBuffer",
+    "InvalidOffset") mean nothing to a user, and a hostile header must be refused before anything is
+    allocated from it. Checks: the header length fits the file (and MAX_HEADER_BYTES), the header is a
+    JSON object, every dtype is known, every shape is a list of counts, every tensor's byte range
+    matches shape x dtype size, the ranges cover the data without overlaps or gaps, and the data ends
+    where the file does (a shorter file is truncated). Raises ModelFileError."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFileError(f"{name} is not a safetensors file (only {size} bytes).")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise ModelFileError(
+                    f"{name} is not a safetensors file, or it is corrupt: its header claims {n} bytes "
+                    f"(more than the {MAX_HEADER_BYTES} a header may have)."
+                )
+            if n > size - 8:
+                raise ModelFileError(
+                    f"{name} is truncated or not a safetensors file: its header claims {n} bytes, "
+                    f"but the file has {size}."
+                )
+            raw = f.read(n)
+    except OSError as e:
+        raise ModelFileError(f"Cannot read {name}: {e.strerror or e}.") from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelFileError(f"{name} has a corrupt safetensors header (not JSON).") from e
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{name} has a corrupt safetensors header (not a JSON object).")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelFileError(f"{name} has a corrupt safetensors header (__metadata__ must map text to text).")
+    ranges = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{name}: tensor {key[:100]!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+            raise ModelFileError(
+                f"{where} has no dtype, shape and data_offsets in the header; the file is corrupt."
+            )
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+            raise ModelFileError(
+                f"{where} has the unknown dtype {str(dtype)[:40]!r}; the file is corrupt or unsupported."
+            )
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ModelFileError(f"{where} has an invalid shape {str(shape)[:80]}; the file is corrupt.")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise ModelFileError(
+                f"{where} has invalid data_offsets {str(offsets)[:80]}; the file is corrupt."
+            )
+        begin, end = offsets
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if end < begin or end - begin != nbytes:
+            raise ModelFileError(
+                f"{where} has {max(end - begin, 0)} bytes of data but its shape {shape} in {dtype} needs "
+                f"{nbytes}; the file is corrupt."
+            )
+        ranges.append((begin, end, key))
+    data_size = size - 8 - n
+    position = 0
+    for begin, end, key in sorted(ranges):
+        if begin != position:
+            problem = "overlaps another tensor" if begin < position else "leaves a gap before it"
+            raise ModelFileError(f"{name}: the data of tensor {key[:100]!r} {problem}; the file is corrupt.")
+        position = end
+    if position > data_size:
         raise ModelFileError(
-            f"{path.name} is truncated: its header describes {max(ends) + 8 + n} bytes "
-            f"but the file has {size}."
+            f"{name} is truncated: its header describes {position + 8 + n} bytes but the file has {size}."
         )
+    if position < data_size:
+        raise ModelFileError(
+            f"{name} is corrupt: {data_size - position} bytes after the last tensor belong to none."
+        )
+    return header
 
 
 def _unwrap_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded pickle. Dicts of tensors one level down become dotted keys: an
+    IP-Adapter `.bin` holds `{"image_proj": {...}, "ip_adapter": {...}}`, the same tensors as the
+    `.safetensors` layout's `image_proj.*` / `ip_adapter.*` keys."""
     while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ModelFileError(f"{name} does not hold a state dict.")
-    return {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    out = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    for k, v in obj.items():
+        if isinstance(k, str) and isinstance(v, dict):
+            for sub, t in v.items():
+                if isinstance(sub, str) and isinstance(t, torch.Tensor):
+                    out.setdefault(f"{k}.{sub}", t)
+    return out
 
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A `.ckpt`/`.pt`/`.bin` state dict, read with `weights_only=True` so no code can run."""
-    kwargs = {"mmap": True} if zipfile.is_zipfile(path) else {}
     try:
+        kwargs = {"mmap": True} if zipfile.is_zipfile(path) else {}
         obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
     except pickle.UnpicklingError as e:
         raise ModelFileError(
             f"Refused to load {path.name}: it contains Python objects other than tensors, which could run "
-            f"code on your machine. Use a .safetensors version of this file. ({str(e).splitlines()[0]})"
+            f"code on your machine. Nothing from it was run. Use a .safetensors version of this file. "
+            f"({str(e).splitlines()[0][:300]})"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFileError(f"Could not read {path.name}: {e}. The file may be truncated or corrupt.") from e
+    except Exception as e:  # weights_only: nothing ran, so any other failure is a broken file
+        raise ModelFileError(
+            f"Could not read {path.name}: {str(e)[:300]}. The file may be truncated or corrupt."
+        ) from e
     return _unwrap_state_dict(obj, path.name)
 
 
@@ -96,7 +200,7 @@ def open_model_file(path: str | os.PathLike) -> ModelFile:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        _check_safetensors_header(path)
+        check_safetensors_header(path)
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
