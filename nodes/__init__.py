@@ -3,6 +3,7 @@
 from . import comfy_host
 from .apply_ip_adapter import ApplyIPAdapter
 from .common import node_id
+from .face_id_embed import FaceIDEmbed
 from .load_dreambooth import LoadDreamBooth
 from .load_lora import ExportLoRA, LoadLoRA, UnloadLoRA
 from .load_textual_inversion import LoadTextualInversion
@@ -14,6 +15,7 @@ _NODES = {
     LoadLoRA: "Load LoRA (Diffusers)",
     UnloadLoRA: "Unload LoRAs (Diffusers)",
     ApplyIPAdapter: "Apply IP-Adapter (Diffusers)",
+    FaceIDEmbed: "FaceID Embed (insightface)",
     ExportLoRA: "Export LoRA to diffusers/PEFT",
     Sampler: "Diffusers Sampler",
 }

@@ -6,6 +6,7 @@ PACK = "DiffusersAdapters"
 CATEGORY = "Diffusers Adapters"
 # Custom socket type names are global in ComfyUI: prefixed so they cannot collide.
 PIPELINE = "DIFFUSERS_ADAPTERS_PIPELINE"
+FACEID = "DIFFUSERS_ADAPTERS_FACEID"  # face embeddings and crops from FaceIDEmbed
 
 
 def node_id(name: str) -> str:

@@ -1,0 +1,185 @@
+"""Face embeddings for IP-Adapter FaceID, computed with insightface.
+
+For each image: the face is detected (SCRFD), its ArcFace embedding is computed and normalised
+(`Face.normed_embedding`, 512 values) and the face is aligned and cropped by its five landmarks
+(`insightface.utils.face_align.norm_crop`), the crop that FaceID Plus / PlusV2 give the CLIP image
+encoder. Models are read from `<insightface folder>/models/<name>/*.onnx` (buffalo_l, antelopev2) and
+never downloaded.
+
+insightface and onnxruntime are optional: they are imported only when a face is analysed, so the
+pack works without them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+PROVIDERS = ("auto", "CUDA", "CPU")
+# Detection sizes tried in turn, as ComfyUI_IPAdapter_plus does: SCRFD misses faces that fill most
+# of the frame at 640 px and often finds them at a smaller size.
+DETECTION_SIZES = (640, 576, 512, 448, 384, 320, 256)
+CROP_SIZES = (224, 256)  # ComfyUI_IPAdapter_plus: 224 for SD1.5, 256 for SDXL
+ID_EMBED_DIM = 512
+INSTALL_HINT = (
+    "Install them into ComfyUI's Python: `pip install insightface onnxruntime` "
+    "(with an NVIDIA GPU: `pip install insightface onnxruntime-gpu`), then restart ComfyUI."
+)
+
+
+class FaceAnalysisError(ValueError):
+    """insightface missing, its models missing, or no face found: a message for the user."""
+
+
+@dataclass(frozen=True, eq=False)
+class FaceEmbeddings:
+    """What FaceIDEmbed gives ApplyIPAdapter: one face per input image."""
+
+    embeddings: torch.Tensor  # [n, 512] float32, insightface's normed ArcFace embeddings
+    crops: torch.Tensor  # [n, S, S, 3] float32 RGB in 0..1 (a ComfyUI IMAGE): the aligned faces
+    digest: str  # content hash of embeddings and crops (cache and spec key)
+    model: str = ""  # the insightface model name, for messages
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
+def _insightface() -> tuple[Any, Any, Any]:
+    """(onnxruntime, FaceAnalysis, face_align), or FaceAnalysisError with the install command."""
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise FaceAnalysisError(f"FaceID needs onnxruntime, which is not installed. {INSTALL_HINT}") from e
+    try:
+        import insightface  # noqa: F401  (imported first so a missing package is reported as such)
+        from insightface.app import FaceAnalysis
+        from insightface.utils import face_align
+    except ImportError as e:
+        raise FaceAnalysisError(f"FaceID needs insightface, which is not installed. {INSTALL_HINT}") from e
+    return onnxruntime, FaceAnalysis, face_align
+
+
+def execution_providers(choice: str = "auto") -> list[str]:
+    """onnxruntime providers for `choice` ("auto", "CUDA", "CPU"). auto takes CUDA when onnxruntime has
+    it and torch sees a GPU, else the CPU."""
+    if choice not in PROVIDERS:
+        raise FaceAnalysisError(f"Unknown provider {choice!r}; choose one of {', '.join(PROVIDERS)}.")
+    onnxruntime, _, _ = _insightface()
+    if choice == "CPU":
+        return ["CPUExecutionProvider"]
+    cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers() and torch.cuda.is_available()
+    if choice == "CUDA" and not cuda:
+        raise FaceAnalysisError(
+            "The CUDA provider was chosen, but onnxruntime has no CUDAExecutionProvider or no GPU is "
+            "visible: "
+            "`pip uninstall onnxruntime && pip install onnxruntime-gpu`, or choose CPU."
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """FaceAnalysisError naming the expected path when `model_dir` holds no .onnx models (insightface
+    would try to download them)."""
+    if not model_dir.is_dir() or not any(model_dir.glob("*.onnx")):
+        raise FaceAnalysisError(
+            f"The insightface model folder {model_dir} is missing or holds no .onnx files. Put the model's "
+            f".onnx files there (e.g. buffalo_l: det_10g.onnx, w600k_r50.onnx, ...)."
+        )
+
+
+class _Analyzer:
+    def __init__(self, app: Any, face_align: Any, ctx_id: int) -> None:
+        self.app, self.face_align, self.ctx_id = app, face_align, ctx_id
+        self.lock = threading.Lock()  # prepare() changes the detector's size: one image at a time
+
+
+_cache: dict[tuple, _Analyzer] = {}
+_cache_lock = threading.Lock()
+
+
+def load_face_analysis(model_dir: Path, provider: str = "auto") -> _Analyzer:
+    """insightface's FaceAnalysis for the models in `model_dir` (`.../insightface/models/<name>`),
+    cached by (folder, its files' versions, providers)."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    providers = execution_providers(provider)
+    _, FaceAnalysis, face_align = _insightface()
+    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.onnx")))
+    key = (str(model_dir), files, tuple(providers))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
+        for stale in [k for k in _cache if k[0] == key[0]]:
+            del _cache[stale]
+        # An absolute name: insightface 2.x takes a folder as the name, 0.7.x joins root/models/name,
+        # which is the name itself when it is absolute. Either way this folder, never a download.
+        try:
+            app = FaceAnalysis(
+                name=str(model_dir.resolve()),
+                root=str(model_dir.parent.parent),
+                allowed_modules=["detection", "recognition"],
+                providers=providers,
+            )
+        except AssertionError as e:  # FaceAnalysis asserts that it found a detection model
+            raise FaceAnalysisError(
+                f"{model_dir} has no face detection model (an SCRFD .onnx file such as det_10g.onnx)."
+            ) from e
+        if "recognition" not in app.models:
+            raise FaceAnalysisError(
+                f"{model_dir} has no face recognition model (an ArcFace .onnx file such as w600k_r50.onnx)."
+            )
+        analyzer = _Analyzer(app, face_align, 0 if providers[0] == "CUDAExecutionProvider" else -1)
+        _cache[key] = analyzer
+        return analyzer
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def _largest(faces: list) -> Any:
+    return max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
+
+
+def analyze_faces(
+    analyzer: _Analyzer,
+    images: torch.Tensor,
+    crop_size: int = 224,
+    sizes: tuple[int, ...] = DETECTION_SIZES,
+    model: str = "",
+) -> FaceEmbeddings:
+    """The largest face of each image of a ComfyUI IMAGE batch [n, H, W, 3]: its normed embedding and its
+    aligned crop. Detection is retried at smaller sizes; an image without a face raises
+    FaceAnalysisError naming it (1-based)."""
+    pixels = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    embeddings, crops = [], []
+    with analyzer.lock:
+        for i, rgb in enumerate(pixels):
+            bgr = np.ascontiguousarray(rgb[..., ::-1])  # insightface reads images as OpenCV does (BGR)
+            faces: list = []
+            for size in sizes:
+                analyzer.app.prepare(ctx_id=analyzer.ctx_id, det_size=(size, size))
+                faces = [f for f in analyzer.app.get(bgr) if f.embedding is not None]
+                if faces:
+                    break
+            if not faces:
+                raise FaceAnalysisError(
+                    f"No face was found in image {i + 1} of {len(pixels)} (tried detection sizes "
+                    f"{sizes[0]} to {sizes[-1]} px). Use a photo where the face is clearly visible."
+                )
+            face = _largest(faces)
+            embeddings.append(torch.from_numpy(np.asarray(face.normed_embedding, dtype=np.float32)))
+            crop = analyzer.face_align.norm_crop(bgr, landmark=face.kps, image_size=crop_size)
+            crops.append(torch.from_numpy(np.ascontiguousarray(crop[..., ::-1])).float() / 255.0)
+        # The next caller starts from the first size again.
+        analyzer.app.prepare(ctx_id=analyzer.ctx_id, det_size=(sizes[0], sizes[0]))
+    emb, crop_batch = torch.stack(embeddings), torch.stack(crops)
+    digest = hashlib.sha256(emb.numpy().tobytes() + crop_batch.numpy().tobytes()).hexdigest()
+    return FaceEmbeddings(emb, crop_batch, digest, model)
