@@ -4,6 +4,13 @@ diffusers loads every IP-Adapter of a pipeline in one call (it replaces the atte
 as a whole), so this kind reconciles by unloading and loading the wanted list at once. The image
 encoder runs when the node runs (its outputs are cached by image content); the sampler passes the
 results as `ip_adapter_image_embeds`, so the pipeline never needs an image encoder of its own.
+
+FaceID adapters take insightface embeddings instead (loaders/face_analysis.py), as diffusers' guide
+does: `ip_adapter_image_embeds` of [negative zeros, id embeddings]; FaceID Plus / PlusV2 also get the
+CLIP hidden states of the aligned face crops (`clip_embeds`) and the PlusV2 `shortcut` set on their
+projection layer. The LoRA inside a FaceID file is not given to diffusers (which would load it with
+PEFT and switch the user's other LoRAs off): the node adds it as a `FaceIDLoraSpec`, merged by the
+pack's LoRA patcher beside the user's LoRAs.
 """
 
 from __future__ import annotations
@@ -17,9 +24,17 @@ from typing import Callable, Iterator
 
 import torch
 
-from ..converters.ip_adapter_files import IPAdapterFile, state_dict_for_diffusers
+from ..converters.ip_adapter_files import (
+    IPAdapterFile,
+    IPAdapterFormatError,
+    faceid_lora_state_dict,
+    state_dict_for_diffusers,
+)
+from ..converters.lora_keys import parse_lora
+from ..converters.lora_patch import LoraFile
 from .base_models import BaseModel
 from .image_encoders import image_processor
+from .lora_patcher import LoraSpec, module_shapes
 from .pipeline_handle import KeyedSpec
 
 EMBEDS_CACHE_SIZE = 32
@@ -39,10 +54,49 @@ class IPAdapterSpec(KeyedSpec):
     label: str = ""
     start: float = 0.0  # the fraction of the denoising steps where the adapter starts acting
     end: float = 1.0  # ... and stops
+    # FaceID Plus / PlusV2: CLIP hidden states of the aligned face crops, [1, n, tokens, width] each.
+    clip_positive: torch.Tensor | None = None
+    clip_negative: torch.Tensor | None = None
+    shortcut: bool = False  # PlusV2: the id embedding is added back to the resampler's output
+    shortcut_scale: float = 1.0
 
     @property
     def kind(self) -> IPAdapterKind:
         return IP_ADAPTER
+
+
+@dataclass(frozen=True, eq=False)
+class FaceIDLoraSpec(LoraSpec):
+    """The LoRA inside a FaceID file, on the socket beside its IPAdapterSpec. The pack's LoRA patcher
+    merges it with the user's LoRAs; it belongs to the IP-Adapter, so Unload LoRAs keeps it and it
+    goes when the adapter goes."""
+
+    belongs_to_ip_adapter: bool = True
+
+
+def _no_block_scale(part: str, path: str) -> float:
+    return 1.0
+
+
+def faceid_lora(f: IPAdapterFile, base: BaseModel) -> LoraFile:
+    """The LoRA of FaceID file `f` in the pack's canonical form, for `base`'s UNet."""
+    unet = base.pipe.unet
+    state = faceid_lora_state_dict(f, list(unet.attn_processors))
+    lora = parse_lora(state, {"unet": module_shapes(unet)})
+    if lora.unmatched or not lora.patches:
+        raise IPAdapterFormatError(
+            f"The LoRA inside this {f.variant_name} file does not fit the model: "
+            f"{len(lora.unmatched)} of its {len(state)} weights match no attention layer "
+            f"(e.g. {', '.join(lora.unmatched[:3])})."
+        )
+    return lora
+
+
+def faceid_lora_spec(f: IPAdapterFile, base: BaseModel, key: tuple, strength: float, label: str) -> LoraSpec:
+    """The LoRA of FaceID file `f` at `strength` on the UNet, as a spec for the pipeline socket."""
+    return FaceIDLoraSpec(
+        ("faceid_lora", key, strength), faceid_lora(f, base), {"unet": strength}, _no_block_scale, label
+    )
 
 
 class IPAdapterKind:
@@ -65,6 +119,10 @@ class IPAdapterKind:
             sources = [state_dict_for_diffusers(s.file) for s in specs]
             pipe.load_ip_adapter(sources, subfolder=[""] * n, weight_name=[""] * n, image_encoder_folder=None)
             pipe.set_ip_adapter_scale([s.scale for s in specs])
+            layers = pipe.unet.encoder_hid_proj.image_projection_layers
+            for spec, layer in zip(specs, layers):
+                if spec.file.variant == "faceid_plus":
+                    layer.shortcut, layer.shortcut_scale = spec.shortcut, spec.shortcut_scale
 
 
 IP_ADAPTER = IPAdapterKind()
@@ -113,6 +171,28 @@ def ip_adapter_inputs(adapters: tuple, guidance: bool, device, dtype) -> dict:
         return {}
     embeds = [torch.cat([s.negative, s.positive]) if guidance else s.positive for s in specs]
     return {"ip_adapter_image_embeds": [e.to(device, dtype) for e in embeds]}
+
+
+@contextmanager
+def face_plus_clip_embeds(pipe, adapters: tuple, guidance: bool, batch_size: int) -> Iterator[None]:
+    """FaceID Plus / PlusV2: give each projection layer the CLIP embeddings of its face crops for one
+    sampling run, batched as diffusers batches `ip_adapter_image_embeds` (negatives first with
+    guidance, each repeated per image), and take them off afterwards."""
+    specs = [s for s in adapters if isinstance(s, IPAdapterSpec)]
+    plus = [(i, s) for i, s in enumerate(specs) if s.clip_positive is not None]
+    if not plus:
+        yield
+        return
+    layers = pipe.unet.encoder_hid_proj.image_projection_layers
+    param = next(pipe.unet.parameters())
+    for i, s in plus:
+        parts = ([s.clip_negative] * batch_size if guidance else []) + [s.clip_positive] * batch_size
+        layers[i].clip_embeds = torch.cat(parts).to(param.device, param.dtype)
+    try:
+        yield
+    finally:
+        for i, _ in plus:
+            layers[i].clip_embeds = None
 
 
 def unet_attention_layout(unet) -> dict[str, dict[int, int]]:

@@ -1,27 +1,41 @@
-"""ApplyIPAdapter: reference images steer the pipeline through an IP-Adapter."""
+"""ApplyIPAdapter: reference images (or, for FaceID, face embeddings) steer the pipeline through an
+IP-Adapter."""
 
 from __future__ import annotations
 
 import json
 
+import torch
+
 from ..converters.checkpoint_layout import FAMILY_NAMES
 from ..converters.ip_adapter_files import IPAdapterFormatError, check_unet, parse_ip_adapter
 from ..converters.ip_adapter_scales import parse_block_scales, scaled
+from ..loaders.face_analysis import FaceEmbeddings
 from ..loaders.image_encoders import load_image_encoder
-from ..loaders.ip_adapters import IPAdapterSpec, encode_images, image_digest, unet_attention_layout
+from ..loaders.ip_adapters import (
+    IPAdapterSpec,
+    encode_images,
+    faceid_lora_spec,
+    image_digest,
+    unet_attention_layout,
+)
 from ..loaders.lora_files import file_identity
 from ..loaders.model_files import open_model_file
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
-from .common import CATEGORY, PIPELINE
+from .common import CATEGORY, FACEID, PIPELINE
+
+FACEID_V2 = ("auto", "PlusV2 (shortcut on)", "Plus (shortcut off)")
 
 
 class ApplyIPAdapter:
     DESCRIPTION = (
         "Adds an IP-Adapter from models/ipadapter (SD1.5 base/light/Plus/Plus Face/Full Face, SDXL and SDXL "
-        "ViT-H variants; the variant is read from the weights) with an image encoder from models/clip_vision "
-        "(transformers or open_clip layout). The reference images are encoded now (cached by content); scale "
-        "0 gives the same image as no adapter. Several IP-Adapters stack."
+        "ViT-H variants, FaceID, FaceID Plus/PlusV2, FaceID Portrait; the variant is read from the weights) "
+        "with an image encoder from models/clip_vision (transformers or open_clip layout). Image adapters "
+        "take the image input, encoded now (cached by content); FaceID adapters take the faceid input from "
+        "FaceID Embed, and their built-in LoRA is merged at lora_strength beside your other LoRAs. Scale 0 "
+        "gives the same image as no adapter. Several IP-Adapters stack."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE, "STRING")
@@ -42,10 +56,10 @@ class ApplyIPAdapter:
                     comfy_host.list_model_files("clip_vision"),
                     {
                         "tooltip": "The image encoder the adapter was trained with (ViT-H or ViT-bigG), "
-                        "a file in models/clip_vision."
+                        "a file in models/clip_vision. FaceID Plus/PlusV2 use it on the face crops; plain "
+                        "FaceID ignores it."
                     },
                 ),
-                "image": ("IMAGE", {"tooltip": "One or several reference images."}),
                 "scale": (
                     "FLOAT",
                     {
@@ -58,6 +72,11 @@ class ApplyIPAdapter:
                 ),
             },
             "optional": {
+                "image": ("IMAGE", {"tooltip": "One or several reference images (not for FaceID adapters)."}),
+                "faceid": (
+                    FACEID,
+                    {"tooltip": "Face embeddings from FaceID Embed: FaceID adapters take these, not images."},
+                ),
                 "start_at": (
                     "FLOAT",
                     {
@@ -88,6 +107,37 @@ class ApplyIPAdapter:
                         "Blocks not named get 0.",
                     },
                 ),
+                "lora_strength": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -20.0,
+                        "max": 20.0,
+                        "step": 0.01,
+                        "tooltip": "FaceID only: strength of the LoRA inside the FaceID file (merged beside "
+                        "your other LoRAs; Unload LoRAs keeps it). 0 leaves the UNet unchanged.",
+                    },
+                ),
+                "faceid_v2": (
+                    list(FACEID_V2),
+                    {
+                        "default": "auto",
+                        "tooltip": "FaceID Plus files: PlusV2 adds the face embedding back to the result "
+                        "(shortcut). Plus and PlusV2 files have the same weights, so auto goes by the file "
+                        "name ('v2' in it) for SD1.5; SDXL FaceID Plus exists only as PlusV2.",
+                    },
+                ),
+                "v2_weight": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": -1.0,
+                        "max": 5.0,
+                        "step": 0.01,
+                        "tooltip": "PlusV2 only: how strongly the face embedding is added back (diffusers' "
+                        "shortcut_scale).",
+                    },
+                ),
             },
         }
 
@@ -106,11 +156,15 @@ class ApplyIPAdapter:
         pipeline: PipelineHandle,
         ipadapter: str,
         clip_vision: str,
-        image,
-        scale: float,
+        image=None,
+        scale: float = 1.0,
         start_at: float = 0.0,
         end_at: float = 1.0,
         block_scales: str = "",
+        faceid: FaceEmbeddings | None = None,
+        lora_strength: float = 1.0,
+        faceid_v2: str = "auto",
+        v2_weight: float = 1.0,
     ):
         base = pipeline.base
         adapter_path = comfy_host.resolve_model_path("ipadapter", ipadapter)
@@ -125,35 +179,96 @@ class ApplyIPAdapter:
         n_cross = sum(1 for name in unet.attn_processors if not name.endswith("attn1.processor"))
         check_unet(adapter, unet.config.cross_attention_dim, n_cross)
         blocks = parse_block_scales(block_scales, unet_attention_layout(unet), base.family_name)
-        if not adapter.needs_image_encoder:
-            raise IPAdapterFormatError(
-                f"{ipadapter} is a FaceID adapter: it takes face embeddings, not images."
-            )
-        encoder_path = comfy_host.resolve_model_path("clip_vision", clip_vision)
-        encoder = load_image_encoder(encoder_path, base.dtype, base.device)
-        width = encoder.config.hidden_size if adapter.uses_hidden_states else encoder.config.projection_dim
-        if width != adapter.image_embed_dim:
-            raise IPAdapterFormatError(
-                f"{ipadapter} ({adapter.variant_name}) needs an image encoder whose "
-                f"{'hidden states' if adapter.uses_hidden_states else 'image embeddings'} are "
-                f"{adapter.image_embed_dim} wide, but {clip_vision} gives {width}: pick the encoder it was "
-                "trained with (ViT-H/14 for SD1.5 and the SDXL ViT-H variants, ViT-bigG/14 for SDXL base)."
-            )
-        encoder_key = (file_identity(encoder_path), str(base.dtype), str(base.device))
-        positive, negative = encode_images(encoder, image, adapter.uses_hidden_states, encoder_key)
         if not 0.0 <= start_at < end_at <= 1.0:
             raise ValueError(f"start_at ({start_at}) must be below end_at ({end_at}), both between 0 and 1.")
+        if adapter.is_face_id:
+            if faceid is None:
+                raise IPAdapterFormatError(
+                    f"{ipadapter} is a FaceID adapter ({adapter.variant_name}): connect face embeddings from "
+                    "a FaceID Embed node to its faceid input (it does not take images)."
+                )
+            if faceid.embeddings.shape[1] != adapter.id_embed_dim:
+                raise IPAdapterFormatError(
+                    f"{ipadapter} takes {adapter.id_embed_dim}-wide face embeddings, but the faceid input "
+                    f"has {faceid.embeddings.shape[1]}-wide ones."
+                )
+            positive = faceid.embeddings[None].clone()  # [1, n faces, 512], as diffusers' FaceID guide
+            negative = torch.zeros_like(positive)
+            digest = faceid.digest
+        elif image is None:
+            raise IPAdapterFormatError(
+                f"{ipadapter} ({adapter.variant_name}) needs reference images: connect image."
+            )
+        else:
+            digest = image_digest(image)
+
+        encoder_key, clip, shortcut = None, None, False
+        if adapter.needs_image_encoder:
+            encoder_path = comfy_host.resolve_model_path("clip_vision", clip_vision)
+            encoder = load_image_encoder(encoder_path, base.dtype, base.device)
+            hidden = adapter.uses_hidden_states
+            width = encoder.config.hidden_size if hidden else encoder.config.projection_dim
+            if width != adapter.image_embed_dim:
+                raise IPAdapterFormatError(
+                    f"{ipadapter} ({adapter.variant_name}) needs an image encoder whose "
+                    f"{'hidden states' if hidden else 'image embeddings'} are "
+                    f"{adapter.image_embed_dim} wide, but {clip_vision} gives {width}: pick the encoder it "
+                    "was trained with (ViT-H/14 for SD1.5 and the SDXL ViT-H variants, ViT-bigG/14 for SDXL "
+                    "base)."
+                )
+            encoder_key = (file_identity(encoder_path), str(base.dtype), str(base.device))
+            if adapter.is_face_id:  # FaceID Plus: the CLIP hidden states of the aligned face crops
+                clip = encode_images(encoder, faceid.crops, True, encoder_key)
+                shortcut = _shortcut(faceid_v2, ipadapter, base.family)
+            else:
+                positive, negative = encode_images(encoder, image, hidden, encoder_key)
+
         key = (
             file_identity(adapter_path),
             encoder_key,
-            image_digest(image),
+            digest,
             scale,
             json.dumps(blocks),
             start_at,
             end_at,
+            shortcut,
+            v2_weight if shortcut else None,
         )
         spec = IPAdapterSpec(
-            key, adapter, positive, negative, scaled(blocks, float(scale)), ipadapter, start_at, end_at
+            key,
+            adapter,
+            positive,
+            negative,
+            scaled(blocks, float(scale)),
+            ipadapter,
+            start_at,
+            end_at,
+            clip_positive=clip[0] if clip is not None else None,
+            clip_negative=clip[1] if clip is not None else None,
+            shortcut=shortcut,
+            shortcut_scale=float(v2_weight),
         )
-        info = f"{ipadapter}: {adapter.variant_name}, {image.shape[0]} image(s), scale {scale:g}"
-        return {"ui": {"text": [info]}, "result": (pipeline.with_adapter(spec), info)}
+        handle = pipeline
+        if adapter.is_face_id:
+            info = f"{ipadapter}: {adapter.variant_name}, {len(faceid)} face(s), scale {scale:g}"
+            if clip is not None:
+                info += f", PlusV2 shortcut {v2_weight:g}" if shortcut else ", Plus v1 (no shortcut)"
+            if adapter.has_lora and lora_strength != 0.0:
+                lora_spec = faceid_lora_spec(
+                    adapter, base, key[:1], float(lora_strength), f"{ipadapter} (FaceID LoRA)"
+                )
+                handle = handle.with_adapter(lora_spec)
+                info += f", LoRA {lora_strength:g}"
+            if image is not None:
+                info += " (the image input is not used by FaceID)"
+        else:
+            info = f"{ipadapter}: {adapter.variant_name}, {image.shape[0]} image(s), scale {scale:g}"
+        return {"ui": {"text": [info]}, "result": (handle.with_adapter(spec), info)}
+
+
+def _shortcut(choice: str, name: str, family: str | None) -> bool:
+    """Whether FaceID Plus runs as PlusV2. The weights cannot tell (Plus and PlusV2 files have the same
+    tensors): auto goes by the name, like ComfyUI_IPAdapter_plus; SDXL FaceID Plus exists only as V2."""
+    if choice != "auto":
+        return choice == FACEID_V2[1]
+    return family == "sdxl" or "v2" in name.lower()

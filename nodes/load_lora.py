@@ -109,7 +109,7 @@ class LoadLoRA:
 class UnloadLoRA:
     DESCRIPTION = (
         "Returns the pipeline without any of its LoRAs and the embeddings bundled in them (the weights go "
-        "back exactly when sampling)."
+        "back exactly when sampling). The LoRA inside a FaceID IP-Adapter stays with its adapter."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE,)
@@ -122,8 +122,13 @@ class UnloadLoRA:
         return {"required": {"pipeline": (PIPELINE, {"tooltip": "The pipeline to remove every LoRA from."})}}
 
     def unload(self, pipeline: PipelineHandle):
-        # Embeddings a LoRA file carried go with it.
-        return (pipeline.without(lambda s: s.kind is LORA or bool(getattr(s, "bundled_in", ""))),)
+        # Embeddings a LoRA file carried go with it; a FaceID file's LoRA stays with its IP-Adapter.
+        def drop(s) -> bool:
+            if s.kind is LORA:
+                return not getattr(s, "belongs_to_ip_adapter", False)
+            return bool(getattr(s, "bundled_in", ""))
+
+        return (pipeline.without(drop),)
 
 
 class ExportLoRA:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from PIL import Image
 
 from ..loaders.base_models import same_device
-from ..loaders.ip_adapters import ip_adapter_inputs, step_range_schedule
+from ..loaders.ip_adapters import face_plus_clip_embeds, ip_adapter_inputs, step_range_schedule
 from ..loaders.pipeline_handle import PipelineHandle, materialized
 from ..loaders.sampling import SamplingSettings, latent_preview, sample
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
@@ -142,7 +142,10 @@ class Sampler:
             try:
                 extra = ip_adapter_inputs(pipeline.adapters, cfg > 1, pipe.device, pipe.unet.dtype)
                 hook = comfy_host.step_hook(steps, preview)
-                with step_range_schedule(pipe, pipeline.adapters, steps) as after_step:
+                with (
+                    face_plus_clip_embeds(pipe, pipeline.adapters, cfg > 1, batch_size),
+                    step_range_schedule(pipe, pipeline.adapters, steps) as after_step,
+                ):
                     on_step = (
                         hook if after_step is None else lambda i, latents: (hook(i, latents), after_step(i))
                     )
