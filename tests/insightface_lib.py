@@ -11,6 +11,9 @@
   around its centre in the shape of insightface's ArcFace template.
 - `recognizer.onnx`: ArcFace-style, [1, 3, 112, 112] -> [1, 512]: 8x8 average pooling and a fixed
   random linear map, so different faces give different embeddings.
+
+And FaceID adapter files for the tiny pipelines, in the original key layout (FaceID `MLPProjModel`,
+FaceID Plus `ProjPlusModel`, the LoRA on every attention processor).
 """
 
 from __future__ import annotations
@@ -20,8 +23,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection
+from ip_adapter_lib import ENC_HIDDEN, _resampler_to_original, cross_attention_slots
 from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import save_file
 
+from testlib import tiny_pipeline
+
+ID_DIM = 512  # insightface's embedding width (the recognizer's output)
+LORA_RANK = 4
 OPSET = 17
 IR_VERSION = 8
 STRIDES = (8, 16, 32)
@@ -163,3 +173,70 @@ def face_image(
 
 def blank_image(size: int = 128) -> torch.Tensor:
     return torch.zeros(1, size, size, 3)
+
+
+# ---------------------------------------------------------------- FaceID adapter files (original layout)
+def faceid_image_proj(variant: str, cross: int, clip_width: int) -> dict[str, torch.Tensor]:
+    """diffusers' projection modules with random weights, renamed back to the original IP-Adapter names
+    (`MLPProjModel`: proj.0, proj.2, norm; `ProjPlusModel`: + perceiver_resampler.*)."""
+    torch.manual_seed(5)
+    if variant == "faceid":
+        sd = IPAdapterFaceIDImageProjection(
+            image_embed_dim=ID_DIM, cross_attention_dim=cross, mult=2, num_tokens=4
+        ).state_dict()
+        ren = {"ff.net.0.proj": "proj.0", "ff.net.2": "proj.2", "norm": "norm"}
+        return {ren[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v for k, v in sd.items()}
+    sd = IPAdapterFaceIDPlusImageProjection(
+        embed_dims=cross, output_dims=cross, hidden_dims=clip_width, id_embeddings_dim=ID_DIM, heads=1
+    ).state_dict()
+    top = {
+        "proj.net.0.proj.weight": "proj.0.weight",
+        "proj.net.0.proj.bias": "proj.0.bias",
+        "proj.net.2.weight": "proj.2.weight",
+        "proj.net.2.bias": "proj.2.bias",
+        "norm.weight": "norm.weight",
+        "norm.bias": "norm.bias",
+    }
+    out = {top[k]: v for k, v in sd.items() if k in top}
+    rest = _resampler_to_original({k: v for k, v in sd.items() if k not in top})
+    out.update({"perceiver_resampler." + k: v for k, v in rest.items()})
+    return out
+
+
+def faceid_lora_weights(unet, seed: int = 7) -> dict[str, torch.Tensor]:
+    """`N.to_{q,k,v,out}_lora.{down,up}.weight` for every attention processor N (self and cross), with
+    the shapes of the projections they patch."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, name in enumerate(unet.attn_processors):
+        attn = unet.get_submodule(name.removesuffix(".processor"))
+        for p, module in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
+            sd[f"{i}.to_{p}_lora.down.weight"] = torch.randn(LORA_RANK, module.in_features, generator=g) * 0.1
+            sd[f"{i}.to_{p}_lora.up.weight"] = torch.randn(module.out_features, LORA_RANK, generator=g) * 0.1
+    return sd
+
+
+def faceid_nested(family: str, variant: str, lora: bool = True) -> dict:
+    unet = tiny_pipeline(family).unet
+    g = torch.Generator().manual_seed(1)
+    ip = {}
+    for key_id, hidden, cross in cross_attention_slots(unet):
+        ip[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.05
+        ip[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.05
+    if lora:
+        ip.update(faceid_lora_weights(unet))
+    proj = faceid_image_proj(variant, unet.config.cross_attention_dim, ENC_HIDDEN)
+    return {"image_proj": proj, "ip_adapter": ip}
+
+
+def write_faceid(models_root, name: str, family: str = "sd1", variant: str = "faceid", lora: bool = True):
+    """A FaceID file for the tiny pipeline of `family` in models/ipadapter: `.bin` as the original
+    releases ({"image_proj": ..., "ip_adapter": ...}), `.safetensors` flat. Returns the nested dict."""
+    nested = faceid_nested(family, variant, lora)
+    path = models_root / "ipadapter" / name
+    if path.suffix == ".bin":
+        torch.save(nested, path)
+    else:
+        flat = {f"{part}.{k}": v.contiguous() for part in nested for k, v in nested[part].items()}
+        save_file(flat, str(path))
+    return nested

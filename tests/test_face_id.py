@@ -19,15 +19,10 @@ pytest.importorskip("insightface", reason="FaceID tests need insightface, onnxru
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from diffusers.models.embeddings import (  # noqa: E402
-    IPAdapterFaceIDImageProjection,
-    IPAdapterFaceIDPlusImageProjection,
-)
-from insightface_lib import blank_image, face_image, write_insightface_models  # noqa: E402
-from ip_adapter_lib import _resampler_to_original, cross_attention_slots, write_vision_files
+from insightface_lib import ID_DIM, blank_image, face_image, write_faceid, write_insightface_models  # noqa: E402
+from ip_adapter_lib import write_vision_files
 from lora_files import fresh_handle, write_kohya
 from PIL import Image
-from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.converters.ip_adapter_files import IPAdapterFormatError  # noqa: E402
 from comfyui_diffusers_adapters.loaders import face_analysis
@@ -45,8 +40,6 @@ from testlib import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "buffalo_tiny"
-ID_DIM = 512
-LORA_RANK = 4
 SETTINGS = dict(
     seed=3,
     steps=3,
@@ -61,67 +54,6 @@ SETTINGS = dict(
 TINTS = ((1.0, 0.9, 0.8), (0.8, 1.0, 0.9))
 # insightface 2.1's face_align calls a scikit-image API deprecated in 0.26: not the pack's to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")
-
-
-# ---------------------------------------------------------------- FaceID files in the original layout
-def faceid_image_proj(variant: str, cross: int, clip_width: int) -> dict[str, torch.Tensor]:
-    """diffusers' projection modules with random weights, renamed back to the original IP-Adapter names
-    (`MLPProjModel`: proj.0, proj.2, norm; `ProjPlusModel`: + perceiver_resampler.*)."""
-    torch.manual_seed(5)
-    if variant == "faceid":
-        sd = IPAdapterFaceIDImageProjection(
-            image_embed_dim=ID_DIM, cross_attention_dim=cross, mult=2, num_tokens=4
-        ).state_dict()
-        ren = {"ff.net.0.proj": "proj.0", "ff.net.2": "proj.2", "norm": "norm"}
-        return {ren[k.rsplit(".", 1)[0]] + "." + k.rsplit(".", 1)[1]: v for k, v in sd.items()}
-    sd = IPAdapterFaceIDPlusImageProjection(
-        embed_dims=cross, output_dims=cross, hidden_dims=clip_width, id_embeddings_dim=ID_DIM, heads=1
-    ).state_dict()
-    top = {
-        "proj.net.0.proj.weight": "proj.0.weight",
-        "proj.net.0.proj.bias": "proj.0.bias",
-        "proj.net.2.weight": "proj.2.weight",
-        "proj.net.2.bias": "proj.2.bias",
-        "norm.weight": "norm.weight",
-        "norm.bias": "norm.bias",
-    }
-    out = {top[k]: v for k, v in sd.items() if k in top}
-    rest = _resampler_to_original({k: v for k, v in sd.items() if k not in top})
-    out.update({"perceiver_resampler." + k: v for k, v in rest.items()})
-    return out
-
-
-def faceid_lora_weights(unet, seed: int = 7) -> dict[str, torch.Tensor]:
-    """`N.to_{q,k,v,out}_lora.{down,up}.weight` for every attention processor N (self and cross), with
-    the shapes of the projections they patch."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for i, name in enumerate(unet.attn_processors):
-        attn = unet.get_submodule(name.removesuffix(".processor"))
-        for p, module in (("q", attn.to_q), ("k", attn.to_k), ("v", attn.to_v), ("out", attn.to_out[0])):
-            sd[f"{i}.to_{p}_lora.down.weight"] = torch.randn(LORA_RANK, module.in_features, generator=g) * 0.1
-            sd[f"{i}.to_{p}_lora.up.weight"] = torch.randn(module.out_features, LORA_RANK, generator=g) * 0.1
-    return sd
-
-
-def faceid_nested(family: str, variant: str, lora: bool = True) -> dict:
-    unet = tiny_pipeline(family).unet
-    g = torch.Generator().manual_seed(1)
-    ip = {}
-    for key_id, hidden, cross in cross_attention_slots(unet):
-        ip[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.05
-        ip[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross, generator=g) * 0.05
-    if lora:
-        ip.update(faceid_lora_weights(unet))
-    proj = faceid_image_proj(variant, unet.config.cross_attention_dim, 128)  # 128: the tiny encoder's width
-    return {"image_proj": proj, "ip_adapter": ip}
-
-
-def write_faceid(models_root, name: str, family: str = "sd1", variant: str = "faceid", lora: bool = True):
-    nested = faceid_nested(family, variant, lora)
-    flat = {f"{part}.{k}": v.contiguous() for part in nested for k, v in nested[part].items()}
-    save_file(flat, str(models_root / "ipadapter" / name))
-    return nested
 
 
 @pytest.fixture
@@ -245,7 +177,7 @@ def diffusers_faceid(nested, faces, scale, lora_strength, encoder=None, shortcut
     "variant,name,shortcut,lora_strength",
     [
         ("faceid", "ip-adapter-faceid_sd15.safetensors", False, 1.0),
-        ("faceid", "ip-adapter-faceid_sd15.safetensors", False, 0.6),
+        ("faceid", "ip-adapter-faceid_sd15.bin", False, 0.6),  # .bin: the original releases' layout
         ("faceid_plus", "ip-adapter-faceid-plus_sd15.safetensors", False, 1.0),
         ("faceid_plus", "ip-adapter-faceid-plusv2_sd15.safetensors", True, 0.8),
     ],
