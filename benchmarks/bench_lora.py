@@ -287,6 +287,17 @@ def reference_merge(w0: torch.Tensor, sd: dict, stem: str, strength: float = 1.0
     return w0.float().cpu() + strength * (alpha / RANK) * (up @ down).reshape(w0.shape)
 
 
+def first_touch_seconds(numel: int, dtype: torch.dtype, device: torch.device, timer) -> float:
+    """Time to write `numel` values into fresh memory: what a first apply pays on top of the merge
+    arithmetic, since an exact backup means the merged weights need memory of their own."""
+    trim_memory()
+    with timer:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        buffer.fill_(1)
+    del buffer
+    return timer.seconds
+
+
 def weights_of(unet, paths: dict[str, str]) -> dict[str, torch.Tensor]:
     return {s: unet.get_submodule(p).weight.detach().float().cpu().clone() for s, p in paths.items()}
 
@@ -460,6 +471,8 @@ def run_size(
     timer = Timer(device)
     t = {k: [] for k in ("p_parse", "p_merge", "p_apply", "p_strength", "p_remove")}
     t.update({k: [] for k in ("d_load", "d_fuse", "d_apply", "d_strength", "d_remove")})
+    t["touch"] = []
+    patched_numel = sum(unet.get_submodule(p).weight.numel() for p in paths.values())
     checks: dict = {}
     diffusers_error = None
     peaks = {"pack": 0.0, "diffusers": 0.0, "sampling": 0.0}
@@ -524,6 +537,7 @@ def run_size(
                     except Exception:  # noqa: BLE001
                         pass
             peaks[which] = max(peaks[which], rss_gib("VmHWM"))
+        t["touch"].append(first_touch_seconds(patched_numel, dtype, device, timer))
         print(
             f"[{size}] rep {rep + 1}/{reps}: pack apply {t['p_apply'][-1]:.2f} s "
             f"(parse {t['p_parse'][-1]:.2f} + merge {t['p_merge'][-1]:.2f}), strength "
@@ -629,6 +643,12 @@ def report(results: list[dict]) -> None:
             m["p_strength"],
             m["d_strength"],
             f"pack strength/fresh apply = {strength_ratio:.2f}; diffusers unfuse + fuse(lora_scale)",
+        )
+        print(
+            f"{tag:5s}   first apply = merge arithmetic (about the in-place strength change, "
+            f"{m['p_strength']:.2f} s) + the first touch of fresh memory for the merged weights "
+            f"(writing that many values into new memory: {m['touch']:.2f} s here); the original stays "
+            "as the exact backup. diffusers' fuse adds into weights it already has, without a backup."
         )
         row(
             tag,
