@@ -70,6 +70,10 @@ def detect_family(shapes: Shapes) -> str:
             f"('{UNET}*').{_guess_other_kind(shapes)}"
         )
     conv_in = shapes.get(UNET + "input_blocks.0.0.weight")
+    if conv_in is not None and len(conv_in) != 4:
+        raise CheckpointFormatError(
+            f"This checkpoint's first UNet convolution has shape {list(conv_in)}; the file is corrupt."
+        )
     if conv_in is not None and conv_in[1] != 4:
         raise CheckpointFormatError(
             f"This checkpoint's UNet takes {conv_in[1]} input channels (an inpainting or "
@@ -227,6 +231,21 @@ def infer_configs(shapes: Shapes) -> CheckpointLayout:
             f"This {FAMILY_NAMES[family]} checkpoint is missing weights ({e.args[0]}); "
             "the file may be truncated or from an unsupported variant."
         ) from e
+    except (IndexError, ValueError, TypeError) as e:  # a weight with too few axes for its role
+        raise CheckpointFormatError(
+            f"This {FAMILY_NAMES[family]} checkpoint has weights of impossible shapes; the file is corrupt "
+            "or from an unsupported variant."
+        ) from e
+    for name, config in (("UNet", unet), ("VAE", vae), ("text encoder", te), ("second text encoder", te2)):
+        for key, value in (config or {}).items():
+            sizes = value if isinstance(value, list) else [value]
+            if key != "addition_time_embed_dim" and any(
+                isinstance(v, int) and not isinstance(v, bool) and v <= 0 for v in sizes
+            ):
+                raise CheckpointFormatError(
+                    f"This {FAMILY_NAMES[family]} checkpoint's {name} has {key} = {value}, read from weights "
+                    "of impossible shapes; the file is corrupt."
+                )
     expected_cross = te["hidden_size"] + (te2["hidden_size"] if te2 else 0)
     if unet["cross_attention_dim"] != expected_cross:
         raise CheckpointFormatError(

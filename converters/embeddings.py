@@ -46,6 +46,9 @@ _LORA_MARKS = (
 )
 
 
+_PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 class EmbeddingFormatError(ValueError):
     """An object that is not a textual-inversion embedding, or a broken one."""
 
@@ -186,6 +189,8 @@ def _matrix(value: Any, where: str) -> torch.Tensor:
         )
     if not t.is_floating_point():
         raise EmbeddingFormatError(f"{where} holds {t.dtype} values, expected floating-point vectors.")
+    if t.dtype not in _PLAIN_FLOATS:  # fp8: exact in float32, and CPU ops (isfinite, copy) need it
+        t = t.float()
     if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
         raise EmbeddingFormatError(f"{where} contains NaN or infinite values (its training diverged).")
     return t.contiguous()

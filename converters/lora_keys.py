@@ -196,6 +196,7 @@ def parse_lora(
             )
         algorithm = next(iter(group.algorithms))
         _check_complete(stem, algorithm, group)
+        _check_dtypes(group)
         chosen = None
         for part, path in candidates:
             shape = tuple(targets[part][path])
@@ -337,6 +338,29 @@ class _Group:
         return 1
 
 
+_FP8 = tuple(
+    getattr(torch, n)
+    for n in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz")
+    if hasattr(torch, n)
+)
+
+
+def _check_dtypes(group: _Group) -> None:
+    """LoRA tensors must be floating point (fp8 becomes float32, exactly: the CPU has no fp8 matmul);
+    an alpha must be one finite real number. Files holding anything else are broken or not LoRAs."""
+    for name, t in list(group.tensors.items()):
+        key = group.key_of[name]
+        if name == "alpha":
+            if t.is_complex() or t.numel() == 0 or not bool(torch.isfinite(t.reshape(-1)[:1].float()).all()):
+                raise LoraFormatError(
+                    f"{key}: an alpha must be one finite number (got {t.dtype} {list(t.shape)})."
+                )
+        elif t.dtype in _FP8:
+            group.tensors[name] = t.float()
+        elif not t.is_floating_point():
+            raise LoraFormatError(f"{key} holds {t.dtype} values; LoRA weights are floating-point numbers.")
+
+
 def _check_complete(stem: str, algorithm: str, group: _Group) -> None:
     names = set(group.tensors)
     if not any(set(option) <= names for option in _REQUIRED[algorithm]):
@@ -444,7 +468,17 @@ def _sgm_names(paths: list[str]) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------ shapes
 def _fits(algorithm: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
-    """Whether the tensors of `algorithm` can make a delta of the module's weight `shape`."""
+    """Whether the tensors of `algorithm` can make a delta of the module's weight `shape`. Tensors with
+    too few axes for their role (0-dim, 1-dim factors) do not fit, whatever the file claims."""
+    if any(v.dim() == 0 for n, v in t.items() if n != "alpha"):
+        return False
+    try:
+        return _fits_shapes(algorithm, t, shape)
+    except IndexError:
+        return False
+
+
+def _fits_shapes(algorithm: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
     if algorithm == "norm":
         ok = tuple(t["w_norm"].shape) == shape
         return ok and ("b_norm" not in t or t["b_norm"].numel() == shape[0])
@@ -542,8 +576,8 @@ def _alpha(
     peft_configs: Mapping[str, Mapping],
 ) -> float | None:
     """The layer's alpha: its `.alpha` key, else (diffusers/PEFT files) the adapter metadata, else None."""
-    if "alpha" in group.tensors:
-        value = float(group.tensors["alpha"].detach().float().reshape(-1)[0])
+    if "alpha" in group.tensors:  # _check_dtypes made sure it holds a finite real number
+        value = float(group.tensors["alpha"].detach().reshape(-1)[0].float())
         return value or None  # Kohya / LyCORIS: alpha 0 means alpha = rank
     if algorithm != "lora" or group.conventions - {"peft", "diffusers", "diffusers-old"}:
         return None
@@ -555,12 +589,22 @@ def _alpha(
     module = module.removeprefix(_PEFT_WRAPPER)
     alpha = config.get("lora_alpha")
     pattern = config.get("alpha_pattern") or {}
+    if not isinstance(pattern, dict):
+        raise LoraFormatError(f"lora_adapter_metadata: alpha_pattern must be a dict, not {pattern!r:.80}.")
     for key in pattern:  # peft.utils.other.get_pattern_key
-        if re.match(rf"(.*\.)?({key})$", module) or re.match(rf"(.*\.)?({key})$", path):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module) or re.match(rf"(.*\.)?({key})$", path)
+        except re.error as e:
+            raise LoraFormatError(
+                f"lora_adapter_metadata: alpha_pattern {key!r:.80} is not a pattern: {e}"
+            ) from e
+        if hit:
             alpha = pattern[key]
             break
     if alpha is None:
         return None
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise LoraFormatError(f"lora_adapter_metadata: the alpha of {path} is {alpha!r:.80}, not a number.")
     alpha = float(alpha)
     if config.get("use_rslora"):  # PEFT: scale alpha / sqrt(r); LayerPatch.scale is alpha / rank
         alpha *= math.sqrt(_rank(algorithm, tensors) or 1)
@@ -576,6 +620,10 @@ def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
         data = json.loads(raw) if isinstance(raw, str) else dict(raw)
     except (TypeError, ValueError) as e:
         raise LoraFormatError(f"Unreadable lora_adapter_metadata in the file header: {e}") from e
+    if not isinstance(data, dict):
+        raise LoraFormatError(
+            f"Unreadable lora_adapter_metadata in the file header: {raw!r:.80} is not a dict."
+        )
     configs: dict[str, dict] = {}
     for key, value in data.items():
         part = next((p for p in ("unet", "text_encoder_2", "text_encoder") if key.startswith(p + ".")), "")
