@@ -68,8 +68,12 @@ def _of_kind(specs: tuple, kind: AdapterKind) -> tuple:
 
 
 def reconcile(base: BaseModel, wanted: tuple) -> None:
-    """Make the base model carry exactly `wanted`. Transactional: if a kind fails, the kinds
-    already changed go back, and the model carries what it carried before."""
+    """Make the base model carry exactly `wanted`. Transactional: if a kind fails, or an interrupt
+    arrives at any point, every kind started goes back, and the model carries what it carried before.
+
+    Kinds reconcile from what they recorded as applied (not from the `current` they are told), so
+    asking a kind that already undid itself to go back again changes nothing; this is what makes a
+    KeyboardInterrupt between a kind finishing and this function noting it harmless."""
     current = base.applied
     if current == wanted:
         return
@@ -77,15 +81,15 @@ def reconcile(base: BaseModel, wanted: tuple) -> None:
     for spec in current + wanted:
         if not any(spec.kind is k for k in kinds):
             kinds.append(spec.kind)
-    done: list[AdapterKind] = []
+    started: list[AdapterKind] = []
     try:
         for kind in kinds:
             before, after = _of_kind(current, kind), _of_kind(wanted, kind)
             if before != after:
+                started.append(kind)
                 kind.reconcile(base, before, after)
-                done.append(kind)
     except BaseException:
-        for kind in reversed(done):
+        for kind in reversed(started):
             kind.reconcile(base, _of_kind(wanted, kind), _of_kind(current, kind))
         raise
     base.applied = wanted
@@ -102,27 +106,31 @@ def materialized(handle: PipelineHandle) -> Iterator[DiffusionPipeline]:
 @dataclass(frozen=True)
 class StackKind:
     """A kind whose adapters are applied one by one and removed in reverse order (the generic
-    case: textual inversion, IP-Adapter). Specs provide `apply(pipe) -> undo`."""
+    case: textual inversion). Specs provide `apply(pipe) -> undo`, transactional themselves.
+
+    The kind keeps the stack of (spec, undo) actually applied, pushed as each apply returns and
+    popped once each undo has run, and works from it: `current` is only what the caller believes."""
 
     name: str
 
     def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
-        undos: list[Callable[[], None]] = base.kind_state.setdefault(self.name, [])
+        stack: list[tuple[AdapterSpec, Callable[[], None]]] = base.kind_state.setdefault(self.name, [])
         keep = 0
-        while keep < min(len(current), len(wanted)) and current[keep] == wanted[keep]:
+        while keep < min(len(stack), len(wanted)) and stack[keep][0] == wanted[keep]:
             keep += 1
         removed = []
-        for spec in reversed(current[keep:]):
-            undos.pop()()
-            removed.append(spec)
-        added = 0
         try:
+            while len(stack) > keep:
+                spec, undo = stack[-1]
+                undo()
+                stack.pop()
+                removed.append(spec)
             for spec in wanted[keep:]:
-                undos.append(spec.apply(base.pipe))
-                added += 1
+                stack.append((spec, spec.apply(base.pipe)))
         except BaseException:
-            for _ in range(added):
-                undos.pop()()
+            while len(stack) > keep:
+                stack[-1][1]()
+                stack.pop()
             for spec in reversed(removed):
-                undos.append(spec.apply(base.pipe))
+                stack.append((spec, spec.apply(base.pipe)))
             raise

@@ -79,10 +79,12 @@ class TextualInversionSpec(KeyedSpec):
                 tokens = sub_tokens(self.token, vectors.shape[0])
                 # make_spec checked the token; diffusers refuses one already in the tokenizer.
                 vocab_size = encoder.config.vocab_size
+                # Registered first: diffusers adds the tokens, then grows the embedding matrix, then
+                # fills it, so an error or interrupt in between leaves part of it to take out.
+                undos.append(_remover(pipe, tokenizer, encoder, tokens, vocab_size))
                 pipe.load_textual_inversion(
                     vectors, token=self.token, tokenizer=tokenizer, text_encoder=encoder
                 )
-                undos.append(_remover(pipe, tokenizer, encoder, tokens, vocab_size))
         except BaseException:
             for undo in reversed(undos):
                 undo()
@@ -96,8 +98,17 @@ class TextualInversionSpec(KeyedSpec):
 
 
 def _remover(pipe, tokenizer, encoder, tokens: list[str], vocab_size: int) -> Callable[[], None]:
+    """Takes out the tokens (those of them the tokenizer has: also after a half-done load) and their
+    rows of the embedding matrix."""
+
     def remove() -> None:
-        pipe.unload_textual_inversion(tokens=tokens, tokenizer=tokenizer, text_encoder=encoder)
+        present = [t for t in tokens if t in tokenizer.added_tokens_encoder]
+        if present:
+            pipe.unload_textual_inversion(tokens=present, tokenizer=tokenizer, text_encoder=encoder)
+        table = encoder.get_input_embeddings()
+        if table.weight.shape[0] > vocab_size:  # grown, but the tokens were never added
+            table.weight = torch.nn.Parameter(table.weight.data[:vocab_size].clone())
+            table.num_embeddings = vocab_size
         encoder.config.vocab_size = vocab_size  # diffusers leaves the enlarged size behind
 
     return remove
