@@ -22,10 +22,12 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from comfyui_diffusers_adapters.converters.ldm_export import to_ldm_checkpoint  # noqa: E402
-from comfyui_diffusers_adapters.loaders import base_models  # noqa: E402
+from comfyui_diffusers_adapters.headless.demo import DEMO_LORA, write_demo_lora  # noqa: E402
+from comfyui_diffusers_adapters.loaders import base_models, lora_patcher  # noqa: E402
 from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline  # noqa: E402
 from comfyui_diffusers_adapters.nodes import comfy_host  # noqa: E402
 from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth  # noqa: E402
+from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA  # noqa: E402
 from comfyui_diffusers_adapters.nodes.sampler import Sampler  # noqa: E402
 
 failures = 0
@@ -45,6 +47,55 @@ def run(handle, seed=1, size=128, steps=8, **kw):
     )
     args.update(kw)
     return Sampler().sample(handle, "a lighthouse on a cliff, (storm:1.2)", "blurry", seed, steps, **args)[0]
+
+
+def with_lora(handle, strength: float):
+    return LoadLoRA().load(handle, DEMO_LORA, strength, strength, "unet and text encoders", "")["result"][0]
+
+
+def lora_checks(gpu16, cpu) -> None:
+    """The LoRA patcher on the GPU, in both backup modes: the originals kept on the GPU (room) and
+    copied to the CPU (short of memory). Switching strengths gives the same bits each time; removal
+    restores every weight bit-exactly; the merge agrees with the CPU's."""
+    real_keep = lora_patcher._keep_originals
+    unet = gpu16.base.pipe.unet
+    for mode in ("originals kept", "originals copied"):
+        if mode == "originals copied":
+            lora_patcher._keep_originals = lambda device, originals: False
+        try:
+            before = {k: v.clone() for k, v in unet.state_dict().items()}
+            full, half = with_lora(gpu16, 1.0), with_lora(gpu16, 0.5)
+            out_full = run(full)
+            out_half = run(half)
+            kept = any(
+                t.device.type == "cuda"
+                for b in gpu16.base.kind_state["lora"].backups.values()
+                for t in b.values()
+            )
+            check(f"sd1 lora on cuda, {mode}: backups where expected", kept == (mode == "originals kept"))
+            check(
+                f"sd1 lora on cuda, {mode}: strength changes the image", not torch.equal(out_full, out_half)
+            )
+            check(
+                f"sd1 lora on cuda, {mode}: back to strength 1 gives the same bits",
+                torch.equal(run(full), out_full),
+            )
+            run(gpu16)
+            after = unet.state_dict()
+            check(
+                f"sd1 lora on cuda, {mode}: removal bit-exact",
+                all(torch.equal(before[k], after[k]) for k in before),
+            )
+        finally:
+            lora_patcher._keep_originals = real_keep
+    run(with_lora(cpu, 1.0))
+    ref = cpu.base.pipe.unet.state_dict()
+    run(with_lora(gpu16, 1.0))
+    got = unet.state_dict()
+    worst = max(float((got[k].float().cpu() - ref[k]).abs().max()) for k in ref)
+    check("sd1 lora merge on cuda fp16 close to cpu fp32", worst < 5e-3, f"max diff {worst:.2e}")
+    run(gpu16)
+    run(cpu)
 
 
 def main() -> int:
@@ -91,6 +142,9 @@ def main() -> int:
                 f"mean diff {d16:.2e}",
             )
             check(f"{family} cuda same seed twice", torch.equal(run(gpu16), out16))
+            if family == "sd1":
+                write_demo_lora(root)
+                lora_checks(gpu16, cpu)
             if family == "sdxl":
                 check(
                     "sdxl fp16 VAE stays fp16 after the upcast decode",

@@ -4,7 +4,7 @@ Why not diffusers' loader: it refuses LoHa/LoKr/Tucker, ignores per-module alpha
 scales only attention blocks and does not restore weights exactly (shared/FACTS.md).
 
 For every module that some wanted LoRA touches, the new weight is computed from a backup of the
-original weight (taken once, on the CPU): W = backup, then each LoRA in order at its strength.
+original weight (taken once; see `_write`): W = backup, then each LoRA in order at its strength.
 Reconciling only rewrites the modules whose list of (LoRA, strength) changed, and a module that
 no LoRA touches any more gets its backup copied back: removal is exact in every dtype.
 """
@@ -82,7 +82,11 @@ def _write(
     module: torch.nn.Module, key: ModuleKey, state: _LoraState, contribution: Contribution | None
 ) -> None:
     """Set one module's parameters to backup + contributions (or back to the backup). Deterministic:
-    the same contribution always gives the same bits, which is what makes rolling back exact."""
+    the same contribution always gives the same bits, which is what makes rolling back exact.
+
+    Two ways to keep the backup: the original tensors themselves, with the merged weight in a tensor
+    of the pack's own (always on the CPU; on a GPU while it has room), or a CPU copy of the originals
+    with the merge written into them in place (a GPU short of memory)."""
     backup = state.backups.get(key)
     if not contribution:
         if backup is not None:
@@ -94,56 +98,66 @@ def _write(
                     param.data.copy_(original)
             del state.backups[key]
         return
-    device = module.weight.device
-    originals = backup or {
-        n: getattr(module, n).detach() for n in ("weight", "bias") if getattr(module, n, None) is not None
-    }
+    weight_param = module.weight
+    device = weight_param.device
+    if backup is None:
+        originals = {
+            n: getattr(module, n).detach() for n in ("weight", "bias") if getattr(module, n, None) is not None
+        }
+        keep = _keep_originals(device, originals)
+        backup = originals if keep else {n: t.to("cpu", copy=True) for n, t in originals.items()}
+        state.backups[key] = backup  # before any write: a failure from here on is rolled back from it
+    here = backup["weight"].device == device
     part, path = key
     patches = [(spec.lora.patches[part][path], strength) for spec, strength in contribution]
-    bias = originals["bias"].to(device, torch.float32) if "bias" in originals else None
+    bias = backup["bias"].to(device, torch.float32) if "bias" in backup else None
     for patch, strength in patches:
         db = bias_delta(patch, device)
         if db is not None and bias is not None:
             bias = bias + strength * db
-    # On the CPU a module that already holds a merged tensor of the pack's own (strength change, one
-    # LoRA of several added or removed) is rewritten in place: fresh memory costs page faults that
-    # take longer than the merge itself.
-    owned = (
-        backup is not None
-        and device.type == "cpu"
-        and module.weight.data_ptr() != backup["weight"].data_ptr()
-    )
-    weight = _merged(originals["weight"], patches, device, module.weight.data if owned else None)
-    if backup is None:
-        # The CPU keeps the original tensors themselves as the backup (no copy); a GPU copies them out.
-        state.backups[key] = {
-            n: t if t.device.type == "cpu" else t.to("cpu", copy=True) for n, t in originals.items()
-        }
-    if device.type == "cpu":
-        if not owned:
-            module.weight.data = weight
-        if bias is not None:
-            module.bias.data = bias.to(module.bias.dtype)
-        return
-    module.weight.data.copy_(weight)
+    # A module that already holds a merged tensor of the pack's own (strength change, one LoRA of
+    # several added or removed) is rewritten in place: fresh memory costs more than the merge itself.
+    in_place = not here or weight_param.data_ptr() != backup["weight"].data_ptr()
+    weight = _merged(backup["weight"], patches, device, weight_param.data if in_place else None)
+    if not in_place:
+        weight_param.data = weight
     if bias is not None:
-        module.bias.data.copy_(bias)
+        if here:
+            module.bias.data = bias.to(module.bias.dtype)
+        else:
+            module.bias.data.copy_(bias)
+
+
+# A GPU keeps the original tensors as backups (no copy, instant removal) while this much memory
+# stays free beside them for sampling; past that it copies them to the CPU.
+_GPU_RESERVE_FRACTION = 0.25
+
+
+def _keep_originals(device: torch.device, originals: dict[str, torch.Tensor]) -> bool:
+    """Whether the original tensors stay where they are as the backup: always on the CPU; on a GPU
+    when it can hold a merged copy of them and still keep its reserve free."""
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        return False
+    free, total = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    needed = sum(t.numel() * t.element_size() for t in originals.values())
+    return free + cached - needed >= _GPU_RESERVE_FRACTION * total
 
 
 def _merged(
     original: torch.Tensor, patches: list, device: torch.device, out: torch.Tensor | None
 ) -> torch.Tensor:
-    """original + each patch at its strength, in float32 then the weight's dtype (on the CPU; a GPU
-    weight is returned in float32 and copied in by the caller). Written into `out` when given."""
+    """original + each patch at its strength, computed in float32, in the weight's dtype on `device`;
+    written into `out` when given (which may be `original`'s own memory: it is read first)."""
     if device.type == "cpu":
         factors = [plain_lora_factors(p, original.shape, s, device) for p, s in patches]
-        if all(f is not None for f in factors):
+        if all(f is not None for f in factors) and (out is None or out.data_ptr() != original.data_ptr()):
             return _plain_cpu_merge(original, factors, out)
     weight = original.to(device, torch.float32)
     for patch, strength in patches:
         weight = merged_weight(weight, patch, strength)
-    if device.type != "cpu":
-        return weight
     if out is None:
         return weight.to(original.dtype)
     return out.copy_(weight)

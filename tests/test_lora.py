@@ -131,10 +131,21 @@ def test_block_scales_and_apply_to_reach_every_layer_of_a_block(models_root):
         assert torch.equal(pipe.text_encoder.encoder.layers[0].self_attn.q_proj.weight, te_before)
 
 
+@pytest.fixture(params=["originals kept", "originals copied"])
+def backup_mode(request, monkeypatch):
+    """Both ways the patcher keeps backups: the original tensors themselves (CPU, a GPU with room) or
+    copies, with merges written into the module's own memory (a GPU short of memory)."""
+    from comfyui_diffusers_adapters.loaders import lora_patcher
+
+    if request.param == "originals copied":
+        monkeypatch.setattr(lora_patcher, "_keep_originals", lambda device, originals: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_changing_strengths_in_place_gives_the_bits_of_a_fresh_apply(models_root, dtype):
-    """Strength changes rewrite the pack's own merged tensors in place; the result must be the same
-    bits as applying those strengths to an untouched model, and removal must give the original."""
+def test_changing_strengths_in_place_gives_the_bits_of_a_fresh_apply(models_root, dtype, backup_mode):
+    """Strength changes rewrite merged weights in place; the result must be the same bits as applying
+    those strengths to an untouched model, and removal must give the original."""
     write_kohya(models_root, "a.safetensors")
     write_kohya(models_root, "b.safetensors", seed=1)
     handle = fresh_handle(dtype=DTYPES[dtype])
@@ -154,7 +165,7 @@ def test_changing_strengths_in_place_gives_the_bits_of_a_fresh_apply(models_root
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
-def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch, when):
+def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch, when, backup_mode):
     """A failure on the 25th layer, before its merge or after it was written in place (a strength
     change rewrites the module's own tensor), leaves every weight as it was."""
     write_kohya(models_root, "a.safetensors")
