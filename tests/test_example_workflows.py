@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embedding_files_lib import random_vectors, write_a1111_pt, write_diffusers_safetensors
+from insightface_lib import face_image, write_faceid, write_insightface_models
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
 from lora_files import write_kohya
 from PIL import Image
@@ -55,6 +56,9 @@ def _embedding(root: Path, name: str, tmp: Path) -> None:
 
 
 def _ip_adapter(root: Path, name: str, tmp: Path) -> None:
+    if "faceid" in name:
+        write_faceid(root, name, "sd1", "faceid_plus" if "plus" in name else "faceid")
+        return
     variant = "plus" if "plus" in name else "base"
     nested = ip_adapter_nested(tiny_pipeline("sd1").unet, variant)
     save_file(flatten(nested), str(root / "ipadapter" / name))
@@ -65,8 +69,15 @@ def _clip_vision(root: Path, name: str, tmp: Path) -> None:
     (root / "clip_vision" / name).write_bytes(open_clip_file.read_bytes())
 
 
-def _image(input_dir: Path, name: str) -> None:
-    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+def _insightface(root: Path, name: str, tmp: Path) -> None:
+    write_insightface_models(root / "insightface", name)
+
+
+def _image(input_dir: Path, name: str, face: bool) -> None:
+    if face:  # what the tiny detector sees as a face
+        pixels = (face_image()[0].numpy() * 255).round().astype(np.uint8)
+    else:
+        pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
     input_dir.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(input_dir / name)
 
@@ -77,6 +88,7 @@ FILE_WIDGETS = {
     node_id("LoadLoRA"): [(0, _lora)],
     node_id("LoadTextualInversion"): [(0, _embedding)],
     node_id("ApplyIPAdapter"): [(0, _ip_adapter), (1, _clip_vision)],
+    node_id("FaceIDEmbed"): [(0, _insightface)],
 }
 
 
@@ -87,6 +99,7 @@ def _prompt_embeddings(text: str) -> list[str]:
 
 def prepare(workflow: dict, root: Path, tmp: Path) -> None:
     """Write every file the workflow names, and make the sampler quick."""
+    has_faces = any(n["type"] == node_id("FaceIDEmbed") for n in workflow["nodes"])
     for node in workflow["nodes"]:
         values = node.get("widgets_values") or []
         for index, writer in FILE_WIDGETS.get(node["type"], []):
@@ -94,27 +107,24 @@ def prepare(workflow: dict, root: Path, tmp: Path) -> None:
         if node["type"] == node_id("LoadLoRA") and values[4] in LBW_ON_TINY:
             values[4] = LBW_ON_TINY[values[4]]
         if node["type"] == "LoadImage":
-            _image(tmp / "input", values[0])
+            _image(tmp / "input", values[0], has_faces)
         if node["type"] == node_id("Sampler"):
             values[4], values[6], values[7] = 2, 64, 64  # steps, width, height
             for name in _prompt_embeddings(values[0]) + _prompt_embeddings(values[1]):
                 _embedding(root, name + ".pt", tmp)
 
 
-PENDING = {"ip_adapter_faceid.json", "ip_adapter_faceid_plus.json"}  # FaceID files: being added
-
-
-@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json") if p.name not in PENDING))
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json")))
 def test_example_workflow_runs_end_to_end(models_root, tmp_path, example):
     workflow = json.loads((EXAMPLES / example).read_text(encoding="utf-8"))
-    known = set(FILE_WIDGETS) | {node_id("Sampler"), "LoadImage", "SaveImage", "Note"}
+    known = set(FILE_WIDGETS) | {node_id("Sampler"), "LoadImage", "SaveImage", "PreviewImage", "Note"}
     unknown = {n["type"] for n in workflow["nodes"]} - known
     assert not unknown, f"{example}: no tiny files for {unknown}; extend FILE_WIDGETS"
     prepare(workflow, models_root, tmp_path)
     comfy_host.set_io_directories(tmp_path / "input", tmp_path / "output")
     runner = WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
     results = runner.run(workflow)
-    saved = sorted((tmp_path / "output").rglob("*.png"))
+    saved = sorted((tmp_path / "output").rglob("diffusers_adapters*.png"))
     assert len(saved) == 1, results
     image = np.asarray(Image.open(saved[0]))
     assert image.shape == (64, 64, 3) and image.std() > 0
