@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +17,14 @@ from ip_adapter_lib import (
     ID_DIM,
     fake_full_size,
     flatten,
+    image_proj_weights,
     ip_adapter_nested,
     tiny_vision_model,
     to_open_clip_layout,
     write_vision_files,
 )
 from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from comfyui_diffusers_adapters.converters import clip_vision as cv
 from comfyui_diffusers_adapters.converters.ip_adapter_files import (
@@ -261,3 +264,56 @@ def test_clip_vision_errors(tmp_path):
     save_file(flatten(ip_adapter_nested(tiny_pipeline("sd1").unet, "base")), str(p))
     with pytest.raises(cv.ClipVisionFormatError, match="IP-Adapter"):
         image_encoders.load_image_encoder(p)
+
+
+@pytest.mark.parametrize(
+    "name, cross, family",
+    [("ViT-H-14", 768, "sd1"), ("ViT-H-14", 2048, "sdxl"), ("ViT-bigG-14", 2048, "sdxl")],
+)
+def test_full_size_encoders_from_open_clip_configs(open_clip_vit, name, cross, family):
+    """The real ViT-H/14 and ViT-bigG/14 (open_clip's own model configs, built on the meta device):
+    the config read from the weights is the real one (width, depth, 16 heads of 80 / 104, MLP size,
+    projection), every open_clip key converts to a transformers key of the same shape, and a base
+    IP-Adapter for that encoder's embedding (SD1.5 ViT-H, SDXL ViT-H, SDXL bigG) is accepted."""
+    import json
+
+    config_dir = Path(sys.modules[open_clip_vit.__module__].__file__).parent / "model_configs"
+    spec = json.loads((config_dir / f"{name}.json").read_text())
+    vision = spec["vision_cfg"]
+    with torch.device("meta"):
+        vt = open_clip_vit(
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            width=vision["width"],
+            layers=vision["layers"],
+            heads=vision["width"] // vision["head_width"],
+            mlp_ratio=vision.get("mlp_ratio", 4.0),
+            output_dim=spec["embed_dim"],
+            act_layer=torch.nn.GELU,
+        )
+    oc = {"visual." + k: v for k, v in vt.state_dict().items()}
+    config = cv.vision_config_from_shapes({k: tuple(v.shape) for k, v in oc.items()})
+    assert (config["hidden_size"], config["num_hidden_layers"], config["num_attention_heads"]) == (
+        vision["width"],
+        vision["layers"],
+        vision["width"] // vision["head_width"],
+    )
+    assert config["intermediate_size"] == int(vision["width"] * vision.get("mlp_ratio", 4.0))
+    assert (config["projection_dim"], config["image_size"], config["hidden_act"]) == (
+        spec["embed_dim"],
+        224,
+        "gelu",
+    )
+    with torch.device("meta"):
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
+    converted = cv.open_clip_to_transformers(oc)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == want
+
+    attention = {k: v for k, v in fake_full_size("base", cross).items() if k.startswith("ip_adapter.")}
+    for variant, width in (("base", config["projection_dim"]), ("plus", config["hidden_size"])):
+        proj = image_proj_weights(
+            variant, cross, embed=config["projection_dim"], hidden=config["hidden_size"]
+        )
+        adapter = parse_ip_adapter(attention | {"image_proj." + k: v for k, v in proj.items()})
+        assert (adapter.family, adapter.image_embed_dim) == (family, width), variant
