@@ -290,7 +290,11 @@ def main(argv: list[str] | None = None) -> int:
         rss_warm = cuda_warm = None
         soak_started = time.perf_counter()
         for i, v in enumerate(order):
-            image = run_one(runner, workflows[v])
+            try:
+                image = run_one(runner, workflows[v])
+            except Exception as e:  # a workflow that ran in a fresh process fails in the long one
+                print(f"FAIL workflow {i + 1} (variant {v}) failed in the soak: {e}")
+                return 1
             if not torch.equal(image, fresh[v]):
                 mismatches.append(i)
             if i + 1 == warmup:
