@@ -645,10 +645,12 @@ def report(results: list[dict]) -> None:
             f"pack strength/fresh apply = {strength_ratio:.2f}; diffusers unfuse + fuse(lora_scale)",
         )
         print(
-            f"{tag:5s}   first apply = merge arithmetic (about the in-place strength change, "
-            f"{m['p_strength']:.2f} s) + the first touch of fresh memory for the merged weights "
-            f"(writing that many values into new memory: {m['touch']:.2f} s here); the original stays "
-            "as the exact backup. diffusers' fuse adds into weights it already has, without a backup."
+            f"{tag:5s}   the first apply in the process (rep 1): pack {t['p_apply'][0]:.2f} s, diffusers "
+            f"{t['d_apply'][0] if t['d_apply'] else float('nan'):.2f} s. It pays the merge arithmetic "
+            f"(about the in-place strength change, {m['p_strength']:.2f} s) and the first touch of fresh "
+            f"memory for the merged weights (that many values written into new memory: {m['touch']:.2f} s "
+            "here), since the original stays as the exact backup; later applies reuse that memory. "
+            "diffusers' fuse adds into weights it already has, without a backup."
         )
         row(
             tag,

@@ -65,6 +65,10 @@ class LoraSpec(KeyedSpec):
 class _LoraState:
     backups: dict[ModuleKey, dict[str, torch.Tensor]] = field(default_factory=dict)
     contributions: dict[ModuleKey, Contribution] = field(default_factory=dict)
+    # CPU memory of merged weights whose LoRAs were removed, kept for the module's next merge: fresh
+    # memory costs page faults that take longer than the merge itself (a GPU's caching allocator
+    # does the same for its memory). At most what the LoRAs used while applied.
+    spares: dict[ModuleKey, torch.Tensor] = field(default_factory=dict)
 
 
 def _contributions(specs: tuple) -> dict[ModuleKey, Contribution]:
@@ -93,6 +97,12 @@ def _write(
             for name, original in backup.items():
                 param = getattr(module, name)
                 if original.device == param.device:
+                    if (
+                        name == "weight"
+                        and param.device.type == "cpu"
+                        and param.data_ptr() != original.data_ptr()
+                    ):
+                        state.spares[key] = param.data
                     param.data = original  # the original tensor itself goes back: exact, no copy
                 else:
                     param.data.copy_(original)
@@ -118,7 +128,8 @@ def _write(
     # A module that already holds a merged tensor of the pack's own (strength change, one LoRA of
     # several added or removed) is rewritten in place: fresh memory costs more than the merge itself.
     in_place = not here or weight_param.data_ptr() != backup["weight"].data_ptr()
-    weight = _merged(backup["weight"], patches, device, weight_param.data if in_place else None)
+    out = weight_param.data if in_place else _spare_for(state, key, backup["weight"])
+    weight = _merged(backup["weight"], patches, device, out)
     if not in_place:
         weight_param.data = weight
     if bias is not None:
@@ -126,6 +137,13 @@ def _write(
             module.bias.data = bias.to(module.bias.dtype)
         else:
             module.bias.data.copy_(bias)
+
+
+def _spare_for(state: _LoraState, key: ModuleKey, original: torch.Tensor) -> torch.Tensor | None:
+    spare = state.spares.pop(key, None)
+    if spare is None or spare.shape != original.shape or spare.dtype != original.dtype:
+        return None
+    return spare
 
 
 # A GPU keeps the original tensors as backups (no copy, instant removal) while this much memory

@@ -164,6 +164,29 @@ def test_changing_strengths_in_place_gives_the_bits_of_a_fresh_apply(models_root
     assert all(torch.equal(original[k], v) for k, v in unet_state(handle).items())
 
 
+def test_memory_of_removed_merges_is_reused_with_the_same_bits(models_root):
+    """After a removal the CPU keeps the merged tensors' memory for the next merge of the module:
+    the next apply writes into it, gives the bits of a fresh apply and leaves the originals intact."""
+    write_kohya(models_root, "a.safetensors")
+    write_kohya(models_root, "b.safetensors", seed=1)
+    handle = fresh_handle()
+    original = unet_state(handle)
+    proj = handle.base.pipe.unet.down_blocks[0].attentions[0].proj_in
+    with materialized(load(handle, "a.safetensors", 1.0)[0]):
+        merged_ptr = proj.weight.data_ptr()
+    with materialized(handle):
+        assert all(torch.equal(original[k], v) for k, v in unet_state(handle).items())
+    target = load(handle, "b.safetensors", 0.7)[0]
+    with materialized(target):
+        assert proj.weight.data_ptr() == merged_ptr
+        reused = unet_state(handle)
+    fresh = fresh_handle()
+    with materialized(PipelineHandle(fresh.base, target.adapters)):
+        assert all(torch.equal(reused[k], v) for k, v in unet_state(fresh).items())
+    with materialized(handle):
+        assert all(torch.equal(original[k], v) for k, v in unet_state(handle).items())
+
+
 @pytest.mark.parametrize("when", ["before", "after"])
 def test_a_failure_while_applying_changes_nothing(models_root, monkeypatch, when, backup_mode):
     """A failure on the 25th layer, before its merge or after it was written in place (a strength
