@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..loaders.face_analysis import (
     CROP_SIZES,
     PROVIDERS,
@@ -26,6 +28,11 @@ def insightface_models() -> list[str]:
     # Never an empty list: with none installed the node still loads, and running it says where the
     # model files go.
     return sorted(names, key=str.lower) or ["buffalo_l"]
+
+
+def _model_dir(name: str) -> Path:
+    """The model folder `models/<name>` inside the insightface model folders (never outside them)."""
+    return comfy_host.resolve_model_path("insightface", f"{MODELS_SUBFOLDER}/{name}", want_dir=True)
 
 
 class FaceIDEmbed:
@@ -75,11 +82,20 @@ class FaceIDEmbed:
             },
         }
 
+    @classmethod
+    def IS_CHANGED(cls, insightface_model, **_):
+        # Re-run when the model files change on disk (the image and widgets ComfyUI compares itself).
+        try:
+            folder = _model_dir(insightface_model)
+            return tuple(
+                sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.onnx"))
+            )
+        except (OSError, ValueError):
+            return insightface_model
+
     def embed(self, image, insightface_model: str, provider: str, crop_size: str = str(CROP_SIZES[0])):
         try:
-            model_dir = comfy_host.resolve_model_path(
-                "insightface", f"{MODELS_SUBFOLDER}/{insightface_model}", want_dir=True
-            )
+            model_dir = _model_dir(insightface_model)
         except FileNotFoundError:
             expected = comfy_host.folder_roots("insightface")[0] / MODELS_SUBFOLDER / insightface_model
             raise FaceAnalysisError(

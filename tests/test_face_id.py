@@ -6,6 +6,7 @@ LoRA loaded by diffusers through PEFT)."""
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 import textwrap
@@ -339,3 +340,13 @@ def test_the_pack_imports_and_lists_its_nodes_without_insightface():
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=600
     )
     assert result.stdout.strip().endswith("ok"), result.stderr[-2000:]
+
+
+def test_face_embed_reruns_when_the_model_files_change(face_models):
+    first = FaceIDEmbed.IS_CHANGED(MODEL)
+    assert first == FaceIDEmbed.IS_CHANGED(MODEL) and first != MODEL
+    write_insightface_models(face_models[0] / "insightface", MODEL)  # rewritten: new mtimes
+    det = face_models[0] / "insightface" / "models" / MODEL / "det_tiny.onnx"
+    os.utime(det, ns=(det.stat().st_atime_ns, det.stat().st_mtime_ns + 10**9))
+    assert FaceIDEmbed.IS_CHANGED(MODEL) != first
+    assert FaceIDEmbed.IS_CHANGED("../outside") == "../outside"
