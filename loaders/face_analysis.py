@@ -93,17 +93,19 @@ def check_model_dir(model_dir: Path) -> None:
         )
 
 
-class _Analyzer:
+class FaceAnalyzer:
+    """A loaded insightface FaceAnalysis (detection + recognition) and the functions it needs."""
+
     def __init__(self, app: Any, face_align: Any, ctx_id: int) -> None:
         self.app, self.face_align, self.ctx_id = app, face_align, ctx_id
         self.lock = threading.Lock()  # prepare() changes the detector's size: one image at a time
 
 
-_cache: dict[tuple, _Analyzer] = {}
+_cache: dict[tuple, FaceAnalyzer] = {}
 _cache_lock = threading.Lock()
 
 
-def load_face_analysis(model_dir: Path, provider: str = "auto") -> _Analyzer:
+def load_face_analysis(model_dir: Path, provider: str = "auto") -> FaceAnalyzer:
     """insightface's FaceAnalysis for the models in `model_dir` (`.../insightface/models/<name>`),
     cached by (folder, its files' versions, providers)."""
     model_dir = Path(model_dir)
@@ -134,7 +136,7 @@ def load_face_analysis(model_dir: Path, provider: str = "auto") -> _Analyzer:
             raise FaceAnalysisError(
                 f"{model_dir} has no face recognition model (an ArcFace .onnx file such as w600k_r50.onnx)."
             )
-        analyzer = _Analyzer(app, face_align, 0 if providers[0] == "CUDAExecutionProvider" else -1)
+        analyzer = FaceAnalyzer(app, face_align, 0 if providers[0] == "CUDAExecutionProvider" else -1)
         _cache[key] = analyzer
         return analyzer
 
@@ -149,7 +151,7 @@ def _largest(faces: list) -> Any:
 
 
 def analyze_faces(
-    analyzer: _Analyzer,
+    analyzer: FaceAnalyzer,
     images: torch.Tensor,
     crop_size: int = 224,
     sizes: tuple[int, ...] = DETECTION_SIZES,
