@@ -88,6 +88,22 @@ def lora_checks(gpu16, cpu) -> None:
             )
         finally:
             lora_patcher._keep_originals = real_keep
+    # Offloading after sampling takes the LoRA backups to the CPU too; the next runs stay exact.
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    out_full = run(with_lora(gpu16, 1.0))
+    run(with_lora(gpu16, 1.0), offload_after=True)
+    backups = gpu16.base.kind_state["lora"].backups.values()
+    check(
+        "sd1 lora offload: backups on the cpu",
+        all(t.device.type == "cpu" for b in backups for t in b.values()),
+    )
+    run(with_lora(gpu16, 0.5), offload_after=True)  # a strength change while offloaded
+    check(
+        "sd1 lora after offload: same bits at strength 1", torch.equal(run(with_lora(gpu16, 1.0)), out_full)
+    )
+    run(gpu16)
+    after = unet.state_dict()
+    check("sd1 lora after offload: removal bit-exact", all(torch.equal(before[k], after[k]) for k in before))
     run(with_lora(cpu, 1.0))
     ref = cpu.base.pipe.unet.state_dict()
     run(with_lora(gpu16, 1.0))

@@ -129,7 +129,7 @@ def _write(
     # several added or removed) is rewritten in place: fresh memory costs more than the merge itself.
     in_place = not here or weight_param.data_ptr() != backup["weight"].data_ptr()
     out = weight_param.data if in_place else _spare_for(state, key, backup["weight"])
-    weight = _merged(backup["weight"], patches, device, out)
+    weight = _merged(backup["weight"].to(device), patches, device, out)
     if not in_place:
         weight_param.data = weight
     if bias is not None:
@@ -137,6 +137,16 @@ def _write(
             module.bias.data = bias.to(module.bias.dtype)
         else:
             module.bias.data.copy_(bias)
+
+
+def move_backups_to_cpu(base: BaseModel) -> None:
+    """After the pipeline was moved to the CPU (offloading), its LoRA backups follow, so that the GPU
+    memory is free; the values stay the same, so removal stays exact."""
+    state = base.kind_state.get(LORA.name)
+    if state is None:
+        return
+    for key, backup in state.backups.items():
+        state.backups[key] = {n: t.to("cpu") for n, t in backup.items()}
 
 
 def _spare_for(state: _LoraState, key: ModuleKey, original: torch.Tensor) -> torch.Tensor | None:

@@ -6,6 +6,7 @@ from PIL import Image
 
 from ..loaders.base_models import same_device
 from ..loaders.ip_adapters import face_plus_clip_embeds, ip_adapter_inputs, step_range_schedule
+from ..loaders.lora_patcher import move_backups_to_cpu
 from ..loaders.pipeline_handle import PipelineHandle, materialized
 from ..loaders.sampling import SamplingSettings, latent_preview, sample
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
@@ -153,4 +154,5 @@ class Sampler:
             finally:
                 if offload_after:
                     pipe.to("cpu")
+                    move_backups_to_cpu(base)
         return (images,)
