@@ -161,6 +161,37 @@ _REQUIRED = {
 }
 
 
+# Which weight holds num_tokens * width rows, for the variants whose token count is read from it.
+_TOKENS_KEY = {"base": "proj.weight", "faceid": "proj.2.weight"}
+_IP_KEY = re.compile(r"^\d+\.to_[kv]_ip\.weight$")
+# Dimensions of the weights the shapes are read from (Linear 2-D, LayerNorm 1-D, resampler latents 3-D).
+_NDIM = {"latents": 3, "norm.weight": 1, "proj.3.weight": 1}
+
+
+def _check_tensors(variant: str, image_proj: Mapping[str, Any], ip_adapter: Mapping[str, Any]) -> None:
+    """The weights whose shapes describe the adapter have the right rank, no empty axis, and (for real
+    tensors) a floating-point type: a damaged file fails here with its key, not deep inside diffusers."""
+    named = [("image_proj", k, image_proj[k]) for k in _REQUIRED[variant]]
+    named += [
+        ("ip_adapter", k, v)
+        for k, v in ip_adapter.items()
+        if k.endswith(("_ip.weight", "_lora.down.weight", "_lora.up.weight"))
+    ]
+    for part, key, value in named:
+        shape = _shape(value)
+        ndim = _NDIM.get(key, 2)
+        if len(shape) != ndim or 0 in shape:
+            raise IPAdapterFormatError(
+                f"This IP-Adapter file's {part}.{key} has shape {shape}; a {ndim}-D weight without empty "
+                "axes was expected."
+            )
+        is_float = getattr(value, "is_floating_point", None)
+        if callable(is_float) and not is_float():
+            raise IPAdapterFormatError(
+                f"This IP-Adapter file's {part}.{key} is not floating point ({value.dtype})."
+            )
+
+
 def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
     """Read an IP-Adapter state dict in either layout; raise IPAdapterFormatError if it is not one."""
     image_proj, ip_adapter = _split_layout(state_dict)
@@ -182,14 +213,23 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
             f"This {VARIANT_NAMES[variant]} file is incomplete: image_proj lacks {', '.join(missing)}."
         )
 
+    _check_tensors(variant, image_proj, ip_adapter)
+    odd = [k for k in ip_adapter if k.endswith(("to_k_ip.weight", "to_v_ip.weight")) and not _IP_KEY.match(k)]
+    if odd:
+        raise IPAdapterFormatError(
+            f"This IP-Adapter file has unexpected attention keys ({', '.join(odd[:3])})."
+        )
     k_keys = sorted(
         (k for k in ip_adapter if k.endswith(".to_k_ip.weight")), key=lambda k: int(k.split(".")[0])
     )
     if not k_keys:
         raise IPAdapterFormatError("This IP-Adapter file has no '<n>.to_k_ip.weight' attention weights.")
     for k in k_keys:
-        if k.replace("to_k_ip", "to_v_ip") not in ip_adapter:
+        v = k.replace("to_k_ip", "to_v_ip")
+        if v not in ip_adapter:
             raise IPAdapterFormatError(f"This IP-Adapter file has {k} but no matching to_v_ip weight.")
+        if _shape(ip_adapter[v]) != _shape(ip_adapter[k]):
+            raise IPAdapterFormatError(f"This IP-Adapter file's {k} and {v} differ in shape.")
     cross_dims = {_shape(ip_adapter[k])[1] for k in k_keys}
     if len(cross_dims) != 1:
         raise IPAdapterFormatError(
@@ -221,6 +261,13 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
         id_embed_dim = s["proj.0.weight"][1]
         proj_out = s["perceiver_resampler.proj_out.weight"][0]
         num_tokens = 4  # diffusers' IPAdapterFaceIDPlusImageProjection default
+    if num_tokens < 1 or (
+        variant in ("base", "faceid") and num_tokens * proj_out != s[_TOKENS_KEY[variant]][0]
+    ):
+        raise IPAdapterFormatError(
+            f"This {VARIANT_NAMES[variant]} file is inconsistent: its projection does not make whole "
+            f"{proj_out}-wide tokens."
+        )
     if proj_out != cross_dim:
         raise IPAdapterFormatError(
             f"This {VARIANT_NAMES[variant]} file is inconsistent: the image projection makes {proj_out}-wide "
