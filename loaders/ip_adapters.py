@@ -31,7 +31,7 @@ from ..converters.ip_adapter_files import (
     state_dict_for_diffusers,
 )
 from ..converters.lora_keys import parse_lora
-from ..converters.lora_patch import LoraFile
+from ..converters.lora_patch import LoraFile, LoraFormatError
 from .base_models import BaseModel
 from .image_encoders import image_processor
 from .lora_patcher import LoraSpec, module_shapes
@@ -78,11 +78,22 @@ def _no_block_scale(part: str, path: str) -> float:
     return 1.0
 
 
+def unet_attention_processors(unet) -> list[str]:
+    """The UNet's own attention processor names, in `attn_processors` order: without those of an
+    IP-Adapter projection (Plus, FaceID Plus resamplers) that the shared pipeline may carry now."""
+    return [name for name in unet.attn_processors if not name.startswith("encoder_hid_proj.")]
+
+
 def faceid_lora(f: IPAdapterFile, base: BaseModel) -> LoraFile:
     """The LoRA of FaceID file `f` in the pack's canonical form, for `base`'s UNet."""
     unet = base.pipe.unet
-    state = faceid_lora_state_dict(f, list(unet.attn_processors))
-    lora = parse_lora(state, {"unet": module_shapes(unet)})
+    state = faceid_lora_state_dict(f, unet_attention_processors(unet))
+    try:
+        lora = parse_lora(state, {"unet": module_shapes(unet)})
+    except LoraFormatError as e:
+        raise IPAdapterFormatError(
+            f"The LoRA inside this {f.variant_name} file does not fit the model: {e}"
+        ) from e
     if lora.unmatched or not lora.patches:
         raise IPAdapterFormatError(
             f"The LoRA inside this {f.variant_name} file does not fit the model: "

@@ -18,6 +18,7 @@ from ..loaders.ip_adapters import (
     faceid_lora_spec,
     image_digest,
     unet_attention_layout,
+    unet_attention_processors,
 )
 from ..loaders.lora_files import file_identity
 from ..loaders.model_files import open_model_file
@@ -176,7 +177,8 @@ class ApplyIPAdapter:
                 f"{base.family_name}."
             )
         unet = base.pipe.unet
-        n_cross = sum(1 for name in unet.attn_processors if not name.endswith("attn1.processor"))
+        # The UNet's own processors only: the shared pipeline may carry a Plus resampler's right now.
+        n_cross = sum(1 for name in unet_attention_processors(unet) if not name.endswith("attn1.processor"))
         check_unet(adapter, unet.config.cross_attention_dim, n_cross)
         blocks = parse_block_scales(block_scales, unet_attention_layout(unet), base.family_name)
         if not 0.0 <= start_at < end_at <= 1.0:

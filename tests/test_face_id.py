@@ -350,3 +350,23 @@ def test_face_embed_reruns_when_the_model_files_change(face_models):
     os.utime(det, ns=(det.stat().st_atime_ns, det.stat().st_mtime_ns + 10**9))
     assert FaceIDEmbed.IS_CHANGED(MODEL) != first
     assert FaceIDEmbed.IS_CHANGED("../outside") == "../outside"
+
+
+def test_apply_works_while_the_pipeline_carries_a_faceid_plus(face_models):
+    """The shared pipeline keeps the last run's adapters: a FaceID Plus resampler's attention
+    processors must not count as UNet layers (nor shift the FaceID LoRA's processor numbering)."""
+    models_root, encoder_file, _ = face_models
+    write_faceid(models_root, "plusv2.safetensors", variant="faceid_plus")
+    write_faceid(models_root, "faceid.safetensors")
+    faces, _ = embed(face_image())
+    base = fresh_handle()
+    plus = apply(base, "plusv2.safetensors", encoder_file, faces, 1.0)[0]
+    with materialized(plus) as pipe:
+        assert any(n.startswith("encoder_hid_proj.") for n in pipe.unet.attn_processors)
+    after = apply(base, "faceid.safetensors", encoder_file, faces, 1.0)[0]
+    before = apply(fresh_handle(), "faceid.safetensors", encoder_file, faces, 1.0)[0]
+    lora_after, lora_before = (
+        next(s for s in h.adapters if isinstance(s, FaceIDLoraSpec)) for h in (after, before)
+    )
+    assert list(lora_after.lora.patches["unet"]) == list(lora_before.lora.patches["unet"])
+    torch.testing.assert_close(sample(after), sample(before), rtol=0, atol=0)
