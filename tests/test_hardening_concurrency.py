@@ -171,12 +171,6 @@ def test_two_threads_sharing_a_base_pipeline_are_serialized_and_match_sequential
             assert torch.equal(image, refs[which])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="nodes/apply_ip_adapter.py counts unet.attn_processors not ending in attn1.processor as "
-    "cross-attention layers; while the shared pipeline carries an IP-Adapter Plus, that includes the "
-    "resampler's encoder_hid_proj...attn.processor, so every ApplyIPAdapter node is refused",
-)
 def test_apply_ip_adapter_does_not_depend_on_the_adapters_the_pipeline_carries(models):
     image = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     handle = LoadDreamBooth().load(DEMO_CHECKPOINT, dtype="fp32", device="cpu")["result"][0]

@@ -351,11 +351,6 @@ def ip_adapter_dicts(draw) -> dict:
     return flat
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="converters/ip_adapter_files.py is being edited by the FaceID work; fuzzing finds crashes "
-    "there (non-numeric '<n>.to_k_ip' prefixes, 0-dim/1-dim shapes, zero widths): see the hardening report",
-)
 @FUZZ
 @given(sd=ip_adapter_dicts(), cross=st.sampled_from([32, 64, 768]), n=st.integers(0, 8))
 def test_parse_ip_adapter_raises_only_its_own_error(sd, cross, n):
