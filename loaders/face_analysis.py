@@ -28,8 +28,9 @@ DETECTION_SIZES = (640, 576, 512, 448, 384, 320, 256)
 CROP_SIZES = (224, 256)  # ComfyUI_IPAdapter_plus: 224 for SD1.5, 256 for SDXL
 ID_EMBED_DIM = 512
 INSTALL_HINT = (
-    "Install them into ComfyUI's Python: `pip install insightface onnxruntime` "
-    "(with an NVIDIA GPU: `pip install insightface onnxruntime-gpu`), then restart ComfyUI."
+    "Install them into ComfyUI's Python: `pip install insightface onnxruntime` (with an NVIDIA GPU: "
+    "`pip install insightface`, then `pip uninstall -y onnxruntime && pip install onnxruntime-gpu`), "
+    "then restart ComfyUI."
 )
 
 
