@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 import torch
 from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection
-from ip_adapter_lib import ENC_HIDDEN, _resampler_to_original, cross_attention_slots
+from ip_adapter_lib import ENC_HIDDEN, cross_attention_slots, faceid_plus_to_original
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
@@ -189,18 +189,7 @@ def faceid_image_proj(variant: str, cross: int, clip_width: int) -> dict[str, to
     sd = IPAdapterFaceIDPlusImageProjection(
         embed_dims=cross, output_dims=cross, hidden_dims=clip_width, id_embeddings_dim=ID_DIM, heads=1
     ).state_dict()
-    top = {
-        "proj.net.0.proj.weight": "proj.0.weight",
-        "proj.net.0.proj.bias": "proj.0.bias",
-        "proj.net.2.weight": "proj.2.weight",
-        "proj.net.2.bias": "proj.2.bias",
-        "norm.weight": "norm.weight",
-        "norm.bias": "norm.bias",
-    }
-    out = {top[k]: v for k, v in sd.items() if k in top}
-    rest = _resampler_to_original({k: v for k, v in sd.items() if k not in top})
-    out.update({"perceiver_resampler." + k: v for k, v in rest.items()})
-    return out
+    return faceid_plus_to_original(sd)
 
 
 def faceid_lora_weights(unet, seed: int = 7) -> dict[str, torch.Tensor]:

@@ -130,19 +130,26 @@ def image_proj_weights(variant: str, cross: int, embed: int = ENC_PROJ, hidden: 
             num_tokens=4,
             num_queries=4,
         ).state_dict()
-        top = {
-            "proj.net.0.proj.weight": "proj.0.weight",
-            "proj.net.0.proj.bias": "proj.0.bias",
-            "proj.net.2.weight": "proj.2.weight",
-            "proj.net.2.bias": "proj.2.bias",
-            "norm.weight": "norm.weight",
-            "norm.bias": "norm.bias",
-        }
-        out = {top[k]: v for k, v in sd.items() if k in top}
-        rest = _resampler_to_original({k: v for k, v in sd.items() if k not in top})
-        out.update({"perceiver_resampler." + k: v for k, v in rest.items()})
-        return out
+        return faceid_plus_to_original(sd)
     raise ValueError(variant)
+
+
+_FACEID_PLUS_TOP = {
+    "proj.net.0.proj.weight": "proj.0.weight",
+    "proj.net.0.proj.bias": "proj.0.bias",
+    "proj.net.2.weight": "proj.2.weight",
+    "proj.net.2.bias": "proj.2.bias",
+    "norm.weight": "norm.weight",
+    "norm.bias": "norm.bias",
+}
+
+
+def faceid_plus_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers' IPAdapterFaceIDPlusImageProjection names back to the original `ProjPlusModel` names."""
+    out = {_FACEID_PLUS_TOP[k]: v for k, v in sd.items() if k in _FACEID_PLUS_TOP}
+    rest = _resampler_to_original({k: v for k, v in sd.items() if k not in _FACEID_PLUS_TOP})
+    out.update({"perceiver_resampler." + k: v for k, v in rest.items()})
+    return out
 
 
 def ip_adapter_nested(unet, variant: str, lora: bool = False, **kw) -> dict:

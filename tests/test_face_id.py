@@ -37,21 +37,11 @@ from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
 from comfyui_diffusers_adapters.nodes.face_id_embed import FaceIDEmbed
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
-from testlib import tiny_pipeline
+from testlib import QUICK_SAMPLER, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "buffalo_tiny"
-SETTINGS = dict(
-    seed=3,
-    steps=3,
-    cfg=5.0,
-    width=64,
-    height=64,
-    batch_size=1,
-    sampler_name="euler",
-    scheduler="normal",
-    clip_skip=-1,
-)
+SETTINGS = QUICK_SAMPLER
 TINTS = ((1.0, 0.9, 0.8), (0.8, 1.0, 0.9))
 # insightface 2.1's face_align calls a scikit-image API deprecated in 0.26: not the pack's to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:`estimate` is deprecated:FutureWarning")

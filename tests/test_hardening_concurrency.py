@@ -21,7 +21,7 @@ from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, comfy_host
 from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
 from comfyui_diffusers_adapters.nodes.common import node_id
 from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth
-from testlib import tiny_pipeline
+from testlib import QUICK_SAMPLER, tiny_pipeline
 
 ROUNDS = 3
 
@@ -93,15 +93,7 @@ def workflow(which: str) -> dict:
         pipeline=["4", 0],
         positive=prompt,
         negative="blurry",
-        seed=seed,
-        steps=3,
-        cfg=5.0,
-        width=64,
-        height=64,
-        batch_size=1,
-        sampler_name="euler",
-        scheduler="normal",
-        clip_skip=-1,
+        **(QUICK_SAMPLER | {"seed": seed}),
     )
     wf["10"] = {"class_type": "Keep", "inputs": {"images": ["9", 0]}}
     return wf

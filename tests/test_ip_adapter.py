@@ -17,19 +17,9 @@ from comfyui_diffusers_adapters.loaders.image_encoders import image_processor
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
-from testlib import tiny_pipeline
+from testlib import QUICK_SAMPLER, tiny_pipeline
 
-SETTINGS = dict(
-    seed=3,
-    steps=3,
-    cfg=5.0,
-    width=64,
-    height=64,
-    batch_size=1,
-    sampler_name="euler",
-    scheduler="normal",
-    clip_skip=-1,
-)
+SETTINGS = QUICK_SAMPLER
 
 
 def reference_image(seed: int = 0) -> torch.Tensor:

@@ -13,6 +13,19 @@ from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipelin
 
 _pipes: dict = {}
 
+# Sampler node arguments for quick test images (seed, steps, ... clip_skip).
+QUICK_SAMPLER = dict(
+    seed=3,
+    steps=3,
+    cfg=5.0,
+    width=64,
+    height=64,
+    batch_size=1,
+    sampler_name="euler",
+    scheduler="normal",
+    clip_skip=-1,
+)
+
 
 def tiny_pipeline(family: str, seed: int = 0):
     """A cached tiny pipeline; tests must not modify it."""
