@@ -32,12 +32,11 @@ from comfyui_diffusers_adapters.loaders.image_encoders import image_processor
 from comfyui_diffusers_adapters.loaders.ip_adapters import FaceIDLoraSpec
 from comfyui_diffusers_adapters.loaders.lora_patcher import LoraSpec
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
-from comfyui_diffusers_adapters.loaders.schedulers import make_scheduler
 from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
 from comfyui_diffusers_adapters.nodes.face_id_embed import FaceIDEmbed
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
-from testlib import QUICK_SAMPLER, tiny_pipeline
+from testlib import QUICK_SAMPLER, quick_diffusers_images, tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "buffalo_tiny"
@@ -149,19 +148,7 @@ def diffusers_faceid(nested, faces, scale, lora_strength, encoder=None, shortcut
         layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         layer.clip_embeds = clip_embeds
         layer.shortcut = shortcut
-    pipe.scheduler = make_scheduler("euler", "normal", dict(pipe.scheduler.config))
-    out = pipe(
-        "a cat",
-        negative_prompt="blurry",
-        ip_adapter_image_embeds=[id_embeds],
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        width=64,
-        height=64,
-        generator=torch.Generator("cpu").manual_seed(3),
-        output_type="pt",
-    )
-    return out.images.permute(0, 2, 3, 1).float()
+    return quick_diffusers_images(pipe, ip_adapter_image_embeds=[id_embeds])
 
 
 @pytest.mark.parametrize(

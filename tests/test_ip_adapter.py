@@ -17,7 +17,7 @@ from comfyui_diffusers_adapters.loaders.image_encoders import image_processor
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
-from testlib import QUICK_SAMPLER, tiny_pipeline
+from testlib import QUICK_SAMPLER, quick_diffusers_images, tiny_pipeline
 
 SETTINGS = QUICK_SAMPLER
 
@@ -50,8 +50,6 @@ def diffusers_reference(
     pipe = type(src)(**{k: copy.deepcopy(v) for k, v in src.components.items()})
     from safetensors.torch import load_file
 
-    from comfyui_diffusers_adapters.loaders.schedulers import make_scheduler
-
     flat = load_file(str(models_root / "ipadapter" / f"{variant}.safetensors"))
     nested = {"image_proj": {}, "ip_adapter": {}}
     for k, v in flat.items():
@@ -62,20 +60,8 @@ def diffusers_reference(
     )
     pipe.load_ip_adapter(nested, subfolder="", weight_name="", image_encoder_folder=None)
     pipe.set_ip_adapter_scale(scale)
-    pipe.scheduler = make_scheduler("euler", "normal", dict(pipe.scheduler.config))
     pil = Image.fromarray((image[0].numpy() * 255).round().astype(np.uint8))
-    out = pipe(
-        "a cat",
-        negative_prompt="blurry",
-        ip_adapter_image=pil,
-        num_inference_steps=3,
-        guidance_scale=5.0,
-        width=64,
-        height=64,
-        generator=torch.Generator("cpu").manual_seed(3),
-        output_type="pt",
-    )
-    return out.images.permute(0, 2, 3, 1).float()
+    return quick_diffusers_images(pipe, ip_adapter_image=pil)
 
 
 @pytest.mark.parametrize("variant", ["base", "plus"])

@@ -27,6 +27,24 @@ QUICK_SAMPLER = dict(
 )
 
 
+def quick_diffusers_images(pipe, **ip_adapter_inputs) -> torch.Tensor:
+    """What plain diffusers gives for QUICK_SAMPLER's settings (prompt "a cat", negative "blurry"),
+    as a ComfyUI IMAGE [n, H, W, 3]."""
+    pipe.scheduler = make_scheduler("euler", "normal", dict(pipe.scheduler.config))
+    out = pipe(
+        "a cat",
+        negative_prompt="blurry",
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="pt",
+        **ip_adapter_inputs,
+    )
+    return out.images.permute(0, 2, 3, 1).float()
+
+
 def tiny_pipeline(family: str, seed: int = 0):
     """A cached tiny pipeline; tests must not modify it."""
     if (family, seed) not in _pipes:
