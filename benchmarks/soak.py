@@ -1,5 +1,6 @@
-"""Soak: one process runs many workflows that switch LoRAs, embeddings and IP-Adapters on one cached
-base pipeline, through the headless runner (the node classes ComfyUI runs).
+"""Soak: one process runs many workflows that switch LoRAs, embeddings and IP-Adapters (base, Plus and,
+with insightface installed, FaceID with its LoRA) on one cached base pipeline, through the headless
+runner (the node classes ComfyUI runs).
 
 It builds tiny models in a temporary models folder, computes each workflow variant's image on a
 freshly loaded pipeline (every cache cleared: what a fresh process gives), then runs --workflows
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib.util
 import os
 import random
 import sys
@@ -96,6 +98,14 @@ def write_models(root: Path, input_dir: Path) -> None:
     input_dir.mkdir(parents=True, exist_ok=True)
     pixels = np.random.default_rng(0).integers(0, 256, (48, 40, 3), dtype=np.uint8)
     Image.fromarray(pixels).save(input_dir / "reference.png")
+    if HAVE_INSIGHTFACE:  # FaceID files with their LoRA, tiny insightface models, a drawn face
+        from insightface_lib import face_image, write_faceid, write_insightface_models
+
+        write_faceid(root, "faceid.safetensors", "sd1", "faceid")
+        write_faceid(root, "faceid_plusv2.safetensors", "sd1", "faceid_plus")
+        write_insightface_models(root / "insightface", FACE_MODEL)
+        face = (face_image()[0].numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(face).save(input_dir / "face.png")
 
 
 # ------------------------------------------------------------------ workflows
@@ -113,6 +123,13 @@ VARIANTS = [
 ]
 # Two variants use an IP-Adapter Plus instead of a base one (--base-only: none).
 PLUS_VARIANTS = (4, 6)
+# With insightface installed, two FaceID variants too: their LoRA merges beside the user's LoRAs.
+FACE_MODEL = "buffalo_tiny"
+HAVE_INSIGHTFACE = all(importlib.util.find_spec(m) for m in ("insightface", "onnxruntime", "onnx"))
+FACEID_VARIANTS = [
+    ([("style_a", 0.8)], None, ("faceid_plusv2", 0.7, 1.0), "a portrait", 8),
+    ([], ("emb_one", "<one>"), ("faceid", 0.9, 0.6), "a <one> portrait", 9),
+]
 
 
 def workflow(variant, device: str, steps: int, size: int) -> dict:
@@ -150,19 +167,28 @@ def workflow(variant, device: str, steps: int, size: int) -> dict:
         }
         chain = [node, 0]
     if ip:
-        wf["20"] = {"class_type": "LoadImage", "inputs": {"image": "reference.png"}}
-        wf["21"] = {
-            "class_type": nodes.node_id("ApplyIPAdapter"),
-            "inputs": {
-                "pipeline": chain,
-                "ipadapter": f"{ip[0]}.safetensors",
-                "clip_vision": "tiny_vit_transformers.safetensors",
-                "image": ["20", 0],
-                "scale": ip[1],
-                "start_at": 0.0,
-                "end_at": ip[2],
-            },
+        face_id = ip[0].startswith("faceid")
+        wf["20"] = {
+            "class_type": "LoadImage",
+            "inputs": {"image": "face.png" if face_id else "reference.png"},
         }
+        inputs = {
+            "pipeline": chain,
+            "ipadapter": f"{ip[0]}.safetensors",
+            "clip_vision": "tiny_vit_transformers.safetensors",
+            "scale": ip[1],
+            "start_at": 0.0,
+            "end_at": ip[2],
+        }
+        if face_id:
+            wf["22"] = {
+                "class_type": nodes.node_id("FaceIDEmbed"),
+                "inputs": {"image": ["20", 0], "insightface_model": FACE_MODEL, "provider": "CPU"},
+            }
+            inputs.update(faceid=["22", 0], lora_strength=0.7)
+        else:
+            inputs["image"] = ["20", 0]
+        wf["21"] = {"class_type": nodes.node_id("ApplyIPAdapter"), "inputs": inputs}
         chain = ["21", 0]
     wf["30"] = {
         "class_type": nodes.node_id("Sampler"),
@@ -251,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [
         (*v[:2], ("plus", *v[2][1:]), *v[3:]) if not args.base_only and i in PLUS_VARIANTS else v
         for i, v in enumerate(VARIANTS)
-    ]
-    warmup = args.warmup if args.warmup is not None else min(2 * len(VARIANTS), args.workflows // 3)
+    ] + (FACEID_VARIANTS if HAVE_INSIGHTFACE else [])
+    warmup = args.warmup if args.warmup is not None else min(2 * len(variants), args.workflows // 3)
     if not 0 < warmup < args.workflows:
         parser.error("--warmup must be between 0 and --workflows")
 
@@ -274,9 +300,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # every variant once, then shuffled rounds; never the same variant twice in a row
         rng = random.Random(0)
-        order = list(range(len(VARIANTS)))
+        order = list(range(len(variants)))
         while len(order) < args.workflows:
-            block = list(range(len(VARIANTS)))
+            block = list(range(len(variants)))
             rng.shuffle(block)
             if block[0] == order[-1]:
                 block.reverse()
@@ -303,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rss_growth = growth(rss_warm, rss_end)
     print(
-        f"soak: {args.workflows} workflows ({len(VARIANTS)} variants, {args.steps} steps, {args.size}px, "
+        f"soak: {args.workflows} workflows ({len(variants)} variants, {args.steps} steps, {args.size}px, "
         f"{args.device}) in {soak_time:.1f} s, {time.perf_counter() - started:.1f} s in all"
     )
     print(
