@@ -147,6 +147,20 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _prepare(analyzer: FaceAnalyzer, size: int) -> None:
+    """Set the detection size to `size` x `size`.
+
+    insightface 0.7.x's detector keeps the first det_size it was prepared with: a later prepare() only
+    prints "det_size is already set ... ignore" and detection stays at that size; 2.x takes each new
+    size. Clearing the detector's size first makes 0.7.x take it too; a detector with a fixed input
+    shape keeps its own size in both."""
+    det = analyzer.app.det_model
+    shape = getattr(det, "input_shape", None)
+    if shape is not None and len(shape) == 4 and not isinstance(shape[2], int):
+        det.input_size = None
+    analyzer.app.prepare(ctx_id=analyzer.ctx_id, det_size=(size, size))
+
+
 def _largest(faces: list) -> Any:
     return max(faces, key=lambda f: float((f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1])))
 
@@ -168,7 +182,7 @@ def analyze_faces(
             bgr = np.ascontiguousarray(rgb[..., ::-1])  # insightface reads images as OpenCV does (BGR)
             faces: list = []
             for size in sizes:
-                analyzer.app.prepare(ctx_id=analyzer.ctx_id, det_size=(size, size))
+                _prepare(analyzer, size)
                 faces = [f for f in analyzer.app.get(bgr) if f.embedding is not None]
                 if faces:
                     break
@@ -182,7 +196,7 @@ def analyze_faces(
             crop = analyzer.face_align.norm_crop(bgr, landmark=face.kps, image_size=crop_size)
             crops.append(torch.from_numpy(np.ascontiguousarray(crop[..., ::-1])).float() / 255.0)
         # The next caller starts from the first size again.
-        analyzer.app.prepare(ctx_id=analyzer.ctx_id, det_size=(sizes[0], sizes[0]))
+        _prepare(analyzer, sizes[0])
     emb, crop_batch = torch.stack(embeddings), torch.stack(crops)
     digest = hashlib.sha256(emb.numpy().tobytes() + crop_batch.numpy().tobytes()).hexdigest()
     return FaceEmbeddings(emb, crop_batch, digest, model)

@@ -61,7 +61,8 @@ def _const(name: str, value) -> onnx.NodeProto:
     )
 
 
-def detector_model() -> onnx.ModelProto:
+def detector_model(input_hw=("height", "width")) -> onnx.ModelProto:
+    """The detector; `input_hw` fixes its input size (some exported SCRFD models have one)."""
     nodes = [
         _const("half", np.float32(0.5)),
         _const("zero", np.float32(0.0)),
@@ -115,7 +116,7 @@ def detector_model() -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "tiny_scrfd",
-        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, *input_hw])],
         outputs["score"] + outputs["bbox"] + outputs["kps"],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -20,7 +20,15 @@ pytest.importorskip("insightface", reason="FaceID tests need insightface, onnxru
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-from insightface_lib import ID_DIM, blank_image, face_image, write_faceid, write_insightface_models  # noqa: E402
+import onnx  # noqa: E402
+from insightface_lib import (  # noqa: E402
+    ID_DIM,
+    blank_image,
+    detector_model,
+    face_image,
+    write_faceid,
+    write_insightface_models,
+)
 from ip_adapter_lib import write_vision_files
 from lora_files import fresh_handle, write_kohya
 from PIL import Image
@@ -100,6 +108,18 @@ def test_detection_is_retried_at_smaller_sizes(face_models):
     assert analyzer.app.get(bgr) == []
     faces, _ = embed(big)
     assert faces.embeddings.shape == (1, ID_DIM)
+
+
+def test_fixed_shape_detector_keeps_its_size(face_models):
+    """A detector exported with a fixed input size runs at that size only: the retries at smaller sizes
+    leave it there (face_analysis._prepare clears the size for insightface 0.7.x only when the input
+    is dynamic; a smaller image would make onnxruntime reject the run)."""
+    folder = face_models[0] / "insightface" / "models" / MODEL
+    onnx.save(detector_model((640, 640)), str(folder / "det_tiny.onnx"))
+    face_analysis.clear_cache()
+    assert embed(face_image())[0].embeddings.shape == (1, ID_DIM)
+    with pytest.raises(FaceAnalysisError, match="No face was found in image 1 of 1"):
+        embed(face_image(face=120))
 
 
 def test_face_embed_errors(face_models, monkeypatch):
