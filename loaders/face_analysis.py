@@ -1,7 +1,8 @@
 """Face embeddings for IP-Adapter FaceID, computed with insightface.
 
 For each image: the face is detected (SCRFD), its ArcFace embedding is computed and normalised
-(`Face.normed_embedding`, 512 values) and the face is aligned and cropped by its five landmarks
+(`Face.normed_embedding`, 512 values; the raw `Face.embedding` is kept for FaceID Portrait unnorm) and
+the face is aligned and cropped by its five landmarks
 (`insightface.utils.face_align.norm_crop`), the crop that FaceID Plus / PlusV2 give the CLIP image
 encoder. Models are read from `<insightface folder>/models/<name>/*.onnx` (buffalo_l, antelopev2) and
 never downloaded.
@@ -43,6 +44,7 @@ class FaceEmbeddings:
     """What FaceIDEmbed gives ApplyIPAdapter: one face per input image."""
 
     embeddings: torch.Tensor  # [n, 512] float32, insightface's normed ArcFace embeddings
+    raw_embeddings: torch.Tensor  # [n, 512] the same before normalising (FaceID Portrait unnorm takes these)
     crops: torch.Tensor  # [n, S, S, 3] float32 RGB in 0..1 (a ComfyUI IMAGE): the aligned faces
     digest: str  # content hash of embeddings and crops (cache and spec key)
     model: str = ""  # the insightface model name, for messages
@@ -137,7 +139,9 @@ def load_face_analysis(model_dir: Path, provider: str = "auto") -> FaceAnalyzer:
             raise FaceAnalysisError(
                 f"{model_dir} has no face recognition model (an ArcFace .onnx file such as w600k_r50.onnx)."
             )
-        analyzer = FaceAnalyzer(app, face_align, 0 if providers[0] == "CUDAExecutionProvider" else -1)
+        ctx_id = 0 if providers[0] == "CUDAExecutionProvider" else -1
+        app.prepare(ctx_id=ctx_id, det_size=(DETECTION_SIZES[0], DETECTION_SIZES[0]))
+        analyzer = FaceAnalyzer(app, face_align, ctx_id)
         _cache[key] = analyzer
         return analyzer
 
@@ -150,6 +154,11 @@ def clear_cache() -> None:
 def _prepare(analyzer: FaceAnalyzer, size: int) -> None:
     """Set the detection size to `size` x `size`.
 
+    Only the detector is prepared again: FaceAnalysis.prepare() prepares every model, and on the CPU
+    each model's prepare() calls onnxruntime's set_providers, which builds its session anew. Passing
+    ctx_id 0 skips that (it is the only thing ctx_id does there); the sessions keep the providers
+    they were made with in `load_face_analysis`.
+
     insightface 0.7.x's detector keeps the first det_size it was prepared with: a later prepare() only
     prints "det_size is already set ... ignore" and detection stays at that size; 2.x takes each new
     size. Clearing the detector's size first makes 0.7.x take it too; a detector with a fixed input
@@ -158,7 +167,7 @@ def _prepare(analyzer: FaceAnalyzer, size: int) -> None:
     shape = getattr(det, "input_shape", None)
     if shape is not None and len(shape) == 4 and not isinstance(shape[2], int):
         det.input_size = None
-    analyzer.app.prepare(ctx_id=analyzer.ctx_id, det_size=(size, size))
+    det.prepare(0, input_size=(size, size))
 
 
 def _largest(faces: list) -> Any:
@@ -176,7 +185,7 @@ def analyze_faces(
     aligned crop. Detection is retried at smaller sizes; an image without a face raises
     FaceAnalysisError naming it (1-based)."""
     pixels = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-    embeddings, crops = [], []
+    embeddings, raw, crops = [], [], []
     with analyzer.lock:
         for i, rgb in enumerate(pixels):
             bgr = np.ascontiguousarray(rgb[..., ::-1])  # insightface reads images as OpenCV does (BGR)
@@ -193,10 +202,11 @@ def analyze_faces(
                 )
             face = _largest(faces)
             embeddings.append(torch.from_numpy(np.asarray(face.normed_embedding, dtype=np.float32)))
+            raw.append(torch.from_numpy(np.asarray(face.embedding, dtype=np.float32)))
             crop = analyzer.face_align.norm_crop(bgr, landmark=face.kps, image_size=crop_size)
             crops.append(torch.from_numpy(np.ascontiguousarray(crop[..., ::-1])).float() / 255.0)
         # The next caller starts from the first size again.
         _prepare(analyzer, sizes[0])
-    emb, crop_batch = torch.stack(embeddings), torch.stack(crops)
-    digest = hashlib.sha256(emb.numpy().tobytes() + crop_batch.numpy().tobytes()).hexdigest()
-    return FaceEmbeddings(emb, crop_batch, digest, model)
+    emb, raw_emb, crop_batch = torch.stack(embeddings), torch.stack(raw), torch.stack(crops)
+    digest = hashlib.sha256(raw_emb.numpy().tobytes() + crop_batch.numpy().tobytes()).hexdigest()
+    return FaceEmbeddings(emb, raw_emb, crop_batch, digest, model)
