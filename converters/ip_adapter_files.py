@@ -16,7 +16,10 @@ The variant follows from the `image_proj` keys, in the order diffusers' loader t
   PlusV2 is a runtime `shortcut` flag): insightface id embedding + penultimate CLIP hidden states;
 - `norm.weight` without `proj.weight`  → "faceid": insightface id embedding only, no image encoder;
 - otherwise (`latents`, `proj_in`...)  → "plus" (plus, plus-face, plus_sdxl_vit-h): a resampler over
-  the penultimate hidden states.
+  the penultimate hidden states; or, when that resampler takes 512-wide inputs (insightface's
+  embedding width; no CLIP image encoder has 512-wide hidden states), "faceid_unnorm": SDXL FaceID
+  Portrait unnorm, a resampler over the *raw* (unnormalised) id embedding, one token per face.
+  ComfyUI_IPAdapter_plus goes by "unnorm" in the file name; the weights tell the same.
 
 FaceID files (FaceID, Plus, PlusV2 for SD1.5/SDXL) also carry a LoRA in `ip_adapter`:
 `N.to_{q,k,v,out}_lora.{down,up}.weight`, N numbering the UNet's attention processors (self- and
@@ -31,14 +34,17 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus")
+VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm")
 VARIANT_NAMES = {
     "base": "IP-Adapter (base / light / SDXL)",
     "full_face": "IP-Adapter full-face",
     "plus": "IP-Adapter Plus (resampler)",
     "faceid": "IP-Adapter FaceID",
     "faceid_plus": "IP-Adapter FaceID Plus / PlusV2",
+    "faceid_unnorm": "IP-Adapter FaceID Portrait unnorm (raw face embeddings)",
 }
+# The width of insightface's ArcFace embedding: a Plus resampler taking this is FaceID Portrait unnorm.
+INSIGHTFACE_WIDTH = 512
 # Cross-attention width of the UNet the adapter was trained for → model family.
 FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Which encoder output the image projection takes.
@@ -84,6 +90,11 @@ class IPAdapterFile:
         if self.variant == "faceid" and not self.has_lora:
             return "IP-Adapter FaceID Portrait (no LoRA)"
         return VARIANT_NAMES[self.variant]
+
+    @property
+    def uses_raw_face_embeddings(self) -> bool:
+        """FaceID Portrait unnorm: the raw id embedding, [n faces, 1 token, 512] into a resampler."""
+        return self.variant == "faceid_unnorm"
 
     @property
     def is_face_id(self) -> bool:
@@ -141,6 +152,9 @@ def _variant(image_proj: Mapping[str, Any]) -> str:
         return "faceid_plus"
     if "norm.weight" in image_proj:
         return "faceid"
+    proj_in = _shape(image_proj["proj_in.weight"]) if "proj_in.weight" in image_proj else ()
+    if len(proj_in) == 2 and proj_in[1] == INSIGHTFACE_WIDTH:
+        return "faceid_unnorm"
     return "plus"
 
 
@@ -150,6 +164,7 @@ _REQUIRED = {
     "base": ("proj.weight", "norm.weight"),
     "full_face": ("proj.0.weight", "proj.2.weight", "proj.3.weight"),
     "plus": ("latents", "proj_in.weight", "proj_out.weight"),
+    "faceid_unnorm": ("latents", "proj_in.weight", "proj_out.weight"),
     "faceid": ("proj.0.weight", "proj.2.weight", "norm.weight"),
     "faceid_plus": (
         "proj.0.weight",
@@ -249,6 +264,11 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
         num_tokens = 257  # 256 patch tokens + CLS of ViT-H/14 at 224 px, as diffusers assumes
     elif variant == "plus":
         image_embed_dim = s["proj_in.weight"][1]
+        proj_out = s["proj_out.weight"][0]
+        num_tokens = s["latents"][1]
+    elif variant == "faceid_unnorm":
+        image_embed_dim = None
+        id_embed_dim = s["proj_in.weight"][1]
         proj_out = s["proj_out.weight"][0]
         num_tokens = s["latents"][1]
     elif variant == "faceid":

@@ -32,7 +32,8 @@ FACEID_V2 = ("auto", "PlusV2 (shortcut on)", "Plus (shortcut off)")
 class ApplyIPAdapter:
     DESCRIPTION = (
         "Adds an IP-Adapter from models/ipadapter (SD1.5 base/light/Plus/Plus Face/Full Face, SDXL and SDXL "
-        "ViT-H variants, FaceID, FaceID Plus/PlusV2, FaceID Portrait; the variant is read from the weights) "
+        "ViT-H variants, FaceID, FaceID Plus/PlusV2, FaceID Portrait and SDXL Portrait unnorm; the variant "
+        "is read from the weights) "
         "with an image encoder from models/clip_vision (transformers or open_clip layout). Image adapters "
         "take the image input, encoded now (cached by content); FaceID adapters take the faceid input from "
         "FaceID Embed, and their built-in LoRA is merged at lora_strength beside your other LoRAs. Scale 0 "
@@ -189,12 +190,16 @@ class ApplyIPAdapter:
                     f"{ipadapter} is a FaceID adapter ({adapter.variant_name}): connect face embeddings from "
                     "a FaceID Embed node to its faceid input (it does not take images)."
                 )
-            if faceid.embeddings.shape[1] != adapter.id_embed_dim:
+            # Portrait unnorm takes insightface's raw embedding (ComfyUI_IPAdapter_plus: face.embedding).
+            faces = faceid.raw_embeddings if adapter.uses_raw_face_embeddings else faceid.embeddings
+            if faces.shape[1] != adapter.id_embed_dim:
                 raise IPAdapterFormatError(
                     f"{ipadapter} takes {adapter.id_embed_dim}-wide face embeddings, but the faceid input "
-                    f"has {faceid.embeddings.shape[1]}-wide ones."
+                    f"has {faces.shape[1]}-wide ones."
                 )
-            positive = faceid.embeddings[None].clone()  # [1, n faces, 512], as diffusers' FaceID guide
+            positive = faces[None].clone()  # [1, n faces, 512], as diffusers' FaceID guide
+            if adapter.uses_raw_face_embeddings:
+                positive = positive[:, :, None]  # [1, n faces, 1 token, 512]: a resampler's input
             negative = torch.zeros_like(positive)
             digest = faceid.digest
         elif image is None:

@@ -23,8 +23,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from diffusers.models.embeddings import IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection
-from ip_adapter_lib import ENC_HIDDEN, cross_attention_slots, faceid_plus_to_original
+from diffusers.models.embeddings import (
+    IPAdapterFaceIDImageProjection,
+    IPAdapterFaceIDPlusImageProjection,
+    IPAdapterPlusImageProjection,
+)
+from ip_adapter_lib import ENC_HIDDEN, cross_attention_slots, faceid_plus_to_original, resampler_to_original
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
@@ -179,8 +183,14 @@ def blank_image(size: int = 128) -> torch.Tensor:
 # ---------------------------------------------------------------- FaceID adapter files (original layout)
 def faceid_image_proj(variant: str, cross: int, clip_width: int) -> dict[str, torch.Tensor]:
     """diffusers' projection modules with random weights, renamed back to the original IP-Adapter names
-    (`MLPProjModel`: proj.0, proj.2, norm; `ProjPlusModel`: + perceiver_resampler.*)."""
+    (`MLPProjModel`: proj.0, proj.2, norm; `ProjPlusModel`: + perceiver_resampler.*; Portrait unnorm: a
+    `Resampler` over the raw 512-wide id embedding, 16 queries)."""
     torch.manual_seed(5)
+    if variant == "faceid_unnorm":
+        sd = IPAdapterPlusImageProjection(
+            embed_dims=ID_DIM, output_dims=cross, hidden_dims=64, heads=1, num_queries=16
+        ).state_dict()
+        return resampler_to_original(sd)
     if variant == "faceid":
         sd = IPAdapterFaceIDImageProjection(
             image_embed_dim=ID_DIM, cross_attention_dim=cross, mult=2, num_tokens=4

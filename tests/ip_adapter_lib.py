@@ -27,6 +27,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 # Tiny encoder: width 128 → 2 heads (width // 64), gelu: what the pack's rule gives for this width.
 ENC_HIDDEN, ENC_PROJ, ENC_PATCH, ENC_IMAGE = 128, 32, 14, 28
 ID_DIM = 16  # tiny insightface embedding
+INSIGHTFACE_DIM = 512  # the real one: FaceID Portrait unnorm is told from Plus by it
 
 
 def cross_attention_slots(unet) -> list[tuple[int, int, int]]:
@@ -65,7 +66,7 @@ def ip_attention_weights(slots, lora_rank: int = 0, n_processors: int = 0) -> di
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)$")
 
 
-def _resampler_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def resampler_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' resampler block names → the original Resampler's (PerceiverAttention + FeedForward)."""
     out = {}
     for k, v in sd.items():
@@ -117,7 +118,12 @@ def image_proj_weights(variant: str, cross: int, embed: int = ENC_PROJ, hidden: 
         sd = IPAdapterPlusImageProjection(
             embed_dims=hidden, output_dims=cross, hidden_dims=64, depth=4, dim_head=64, heads=1, num_queries=8
         ).state_dict()
-        return _resampler_to_original(sd)
+        return resampler_to_original(sd)
+    if variant == "faceid_unnorm":  # SDXL FaceID Portrait unnorm: a resampler over raw 512-wide id embeddings
+        sd = IPAdapterPlusImageProjection(
+            embed_dims=INSIGHTFACE_DIM, output_dims=cross, hidden_dims=64, heads=1, num_queries=16
+        ).state_dict()
+        return resampler_to_original(sd)
     if variant == "faceid_plus":
         sd = IPAdapterFaceIDPlusImageProjection(
             embed_dims=64,
@@ -147,7 +153,7 @@ _FACEID_PLUS_TOP = {
 def faceid_plus_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers' IPAdapterFaceIDPlusImageProjection names back to the original `ProjPlusModel` names."""
     out = {_FACEID_PLUS_TOP[k]: v for k, v in sd.items() if k in _FACEID_PLUS_TOP}
-    rest = _resampler_to_original({k: v for k, v in sd.items() if k not in _FACEID_PLUS_TOP})
+    rest = resampler_to_original({k: v for k, v in sd.items() if k not in _FACEID_PLUS_TOP})
     out.update({"perceiver_resampler." + k: v for k, v in rest.items()})
     return out
 

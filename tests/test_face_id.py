@@ -305,6 +305,56 @@ def test_apply_errors(face_models):
         apply(fresh_handle(), "faceid_xl.safetensors", encoder_file, faces)
 
 
+def test_raw_embeddings_are_the_normed_ones_before_normalising(face_models):
+    faces, _ = embed(torch.cat([face_image(tint=TINTS[0]), face_image(tint=TINTS[1])]))
+    norms = faces.raw_embeddings.norm(dim=1, keepdim=True)
+    assert not torch.allclose(norms, torch.ones_like(norms))
+    torch.testing.assert_close(faces.raw_embeddings / norms, faces.embeddings)
+
+
+def test_sdxl_portrait_unnorm_takes_raw_embeddings_and_equals_diffusers(face_models):
+    """diffusers loads the file as a Plus adapter (a resampler); ComfyUI_IPAdapter_plus gives it the raw
+    id embeddings, one token per face, and zeros as the negative."""
+    models_root, encoder_file, _ = face_models
+    name = "ip-adapter-faceid-portrait_sdxl_unnorm.safetensors"
+    nested = write_faceid(models_root, name, family="sdxl", variant="faceid_unnorm", lora=False)
+    faces, _ = embed(torch.cat([face_image(tint=TINTS[0]), face_image(tint=TINTS[1])]), "256")
+    handle, info = apply(fresh_handle("sdxl"), name, encoder_file, faces, 0.9)
+    assert "Portrait unnorm" in info and "2 face(s)" in info
+    assert not any(isinstance(s, LoraSpec) for s in handle.adapters)
+    ours = sample(handle)
+
+    def diffusers_portrait(id_embeds: torch.Tensor) -> torch.Tensor:
+        src = tiny_pipeline("sdxl")
+        pipe = type(src)(**{k: copy.deepcopy(v) for k, v in src.components.items()})
+        pipe.load_ip_adapter(nested, subfolder="", weight_name="", image_encoder_folder=None)
+        pipe.set_ip_adapter_scale(0.9)
+        ref = id_embeds[None, :, None]  # [1, faces, 1 token, 512]
+        return quick_diffusers_images(pipe, ip_adapter_image_embeds=[torch.cat([torch.zeros_like(ref), ref])])
+
+    torch.testing.assert_close(ours, diffusers_portrait(faces.raw_embeddings), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(ours, diffusers_portrait(faces.embeddings), rtol=1e-4, atol=1e-4)
+
+
+def test_retries_reset_no_onnxruntime_session(face_models, monkeypatch):
+    """Changing the detection size prepares only the detector, without onnxruntime's set_providers
+    (FaceAnalysis.prepare() calls it on every model on the CPU, which builds each session anew)."""
+    import onnxruntime
+
+    embed(face_image())  # loads and prepares the models once
+    calls = []
+    original = onnxruntime.InferenceSession.set_providers
+    monkeypatch.setattr(
+        onnxruntime.InferenceSession,
+        "set_providers",
+        lambda self, *a, **kw: calls.append(a) or original(self, *a, **kw),
+    )
+    faces, _ = embed(face_image(size=128, face=120, center=(64, 64)))  # found only at a smaller size
+    assert len(faces) == 1
+    embed(face_image(tint=TINTS[1]))
+    assert calls == []
+
+
 def test_portrait_several_faces_without_lora(face_models):
     models_root, encoder_file, _ = face_models
     write_faceid(models_root, "portrait.safetensors", lora=False)

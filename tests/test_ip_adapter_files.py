@@ -15,10 +15,12 @@ from ip_adapter_lib import (
     ENC_IMAGE,
     ENC_PROJ,
     ID_DIM,
+    INSIGHTFACE_DIM,
     fake_full_size,
     flatten,
     image_proj_weights,
     ip_adapter_nested,
+    resampler_to_original,
     tiny_vision_model,
     to_open_clip_layout,
     write_vision_files,
@@ -38,13 +40,14 @@ from comfyui_diffusers_adapters.loaders.model_files import open_model_file
 from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline
 from testlib import tiny_pipeline
 
-VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus")
+VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm")
 EXPECTED = {  # variant: (image_embed_dim, num_tokens, id_embed_dim)
     "base": (ENC_PROJ, 4, None),
     "full_face": (ENC_HIDDEN, 257, None),
     "plus": (ENC_HIDDEN, 8, None),
     "faceid": (None, 4, ID_DIM),
     "faceid_plus": (ENC_HIDDEN, 4, ID_DIM),
+    "faceid_unnorm": (None, 16, INSIGHTFACE_DIM),
 }
 
 
@@ -61,6 +64,8 @@ def test_variant_detection_and_both_layouts(variant):
         assert not f.has_lora
         check_unet(f, unet.config.cross_attention_dim, len(nested["ip_adapter"]) // 2)
     assert a.uses_hidden_states == (variant in ("full_face", "plus", "faceid_plus"))
+    assert a.is_face_id == variant.startswith("faceid")
+    assert a.uses_raw_face_embeddings == (variant == "faceid_unnorm")
     sa, sb = state_dict_for_diffusers(a), state_dict_for_diffusers(b)
     assert sa.keys() == sb.keys() == {"image_proj", "ip_adapter"}
     for part in sa:
@@ -69,7 +74,14 @@ def test_variant_detection_and_both_layouts(variant):
 
 
 @pytest.mark.parametrize(
-    "family,variant", [("sd1", "base"), ("sd2", "plus"), ("sdxl", "full_face"), ("sdxl", "faceid_plus")]
+    "family,variant",
+    [
+        ("sd1", "base"),
+        ("sd2", "plus"),
+        ("sdxl", "full_face"),
+        ("sdxl", "faceid_plus"),
+        ("sdxl", "faceid_unnorm"),
+    ],
 )
 def test_diffusers_accepts_the_state_dict(family, variant):
     pipe = build_tiny_pipeline(family)  # modified: not the shared one
@@ -83,6 +95,7 @@ def test_diffusers_accepts_the_state_dict(family, variant):
             "plus": "IPAdapterPlusImageProjection",
             "full_face": "IPAdapterFullImageProjection",
             "faceid_plus": "IPAdapterFaceIDPlusImageProjection",
+            "faceid_unnorm": "IPAdapterPlusImageProjection",
         }[variant]
     )
     procs = [p for p in pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
@@ -101,6 +114,32 @@ def test_faceid_loads_in_diffusers():
         type(pipe.unet.encoder_hid_proj.image_projection_layers[0]).__name__
         == "IPAdapterFaceIDImageProjection"
     )
+
+
+def test_full_size_sdxl_portrait_unnorm_is_told_from_plus():
+    """ip-adapter-faceid-portrait_sdxl_unnorm's projection (ComfyUI_IPAdapter_plus: a Resampler of
+    width 1280, 20 heads, 16 queries over 512-wide raw id embeddings) beside plus_sdxl_vit-h's (the same
+    resampler over ViT-H's 1280-wide hidden states), built full size on the meta device."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    def resampler(embed_dims):
+        with torch.device("meta"):
+            module = IPAdapterPlusImageProjection(
+                embed_dims=embed_dims, output_dims=2048, hidden_dims=1280, heads=20, num_queries=16
+            )
+        return {"image_proj." + k: v for k, v in resampler_to_original(module.state_dict()).items()}
+
+    attention = {k: v for k, v in fake_full_size("base", 2048).items() if k.startswith("ip_adapter.")}
+    unnorm = parse_ip_adapter({**resampler(512), **attention})
+    plus = parse_ip_adapter({**resampler(1280), **attention})
+    assert (unnorm.variant, unnorm.family, unnorm.num_tokens, unnorm.id_embed_dim) == (
+        "faceid_unnorm",
+        "sdxl",
+        16,
+        512,
+    )
+    assert not unnorm.needs_image_encoder and unnorm.is_face_id
+    assert (plus.variant, plus.image_embed_dim, plus.id_embed_dim) == ("plus", 1280, None)
 
 
 def test_lora_detected():
