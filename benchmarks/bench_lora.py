@@ -13,6 +13,8 @@ written with SGM names for SDXL as real files are), rank 32, a different alpha p
    with an independent fp32 merge. Target: pack <= 0.5x diffusers.
 2. strength change: the pack re-materializing the same file at another strength (parse cached)
    against its own fresh apply (target <= 0.25x); diffusers' unfuse + fuse(lora_scale) for information.
+   Also printed: the floor, one copy of every patched weight into memory of its own (any exact
+   strength change rewrites them all from the originals), as a ratio to the fresh apply.
 3. removal: the pack materializing the handle without the LoRA (checked bit-exact over every patched
    weight) against diffusers' unfuse_lora + unload_lora_weights.
 4. sampling overhead: one UNet forward inside `materialized(handle)`, with 3 merged LoRAs against
@@ -298,6 +300,28 @@ def first_touch_seconds(numel: int, dtype: torch.dtype, device: torch.device, ti
     return timer.seconds
 
 
+@torch.no_grad()
+def rewrite_floor_seconds(base, unet, paths: dict[str, str], timer) -> float:
+    """One copy of every patched weight into memory of its own, already touched: the least work any
+    exact strength change can do, since each merged value depends on its original value and the new
+    strength, and the original has to stay as it is (the exact backup). The memory is the pack's
+    spares (its merged weights' memory, kept after a removal; see lora_patcher), else new buffers
+    written once before the timing."""
+    state = base.kind_state.get("lora")
+    spares = state.spares if state is not None else {}
+    pairs = []
+    for path in paths.values():
+        original = unet.get_submodule(path).weight
+        buffer = spares.get(("unet", path))
+        if buffer is None or buffer.shape != original.shape or buffer.dtype != original.dtype:
+            buffer = torch.empty_like(original).fill_(0)
+        pairs.append((original, buffer))
+    with timer:
+        for original, buffer in pairs:
+            buffer.copy_(original)
+    return timer.seconds
+
+
 def weights_of(unet, paths: dict[str, str]) -> dict[str, torch.Tensor]:
     return {s: unet.get_submodule(p).weight.detach().float().cpu().clone() for s, p in paths.items()}
 
@@ -472,6 +496,7 @@ def run_size(
     t = {k: [] for k in ("p_parse", "p_merge", "p_apply", "p_strength", "p_remove")}
     t.update({k: [] for k in ("d_load", "d_fuse", "d_apply", "d_strength", "d_remove")})
     t["touch"] = []
+    t["floor"] = []
     patched_numel = sum(unet.get_submodule(p).weight.numel() for p in paths.values())
     checks: dict = {}
     diffusers_error = None
@@ -538,6 +563,7 @@ def run_size(
                         pass
             peaks[which] = max(peaks[which], rss_gib("VmHWM"))
         t["touch"].append(first_touch_seconds(patched_numel, dtype, device, timer))
+        t["floor"].append(rewrite_floor_seconds(base, unet, paths, timer))
         print(
             f"[{size}] rep {rep + 1}/{reps}: pack apply {t['p_apply'][-1]:.2f} s "
             f"(parse {t['p_parse'][-1]:.2f} + merge {t['p_merge'][-1]:.2f}), strength "
@@ -655,8 +681,15 @@ def report(results: list[dict]) -> None:
         print(
             f"{tag:5s}   strength change / first apply in the process = "
             f"{m['p_strength'] / t['p_apply'][0]:.2f}; "
-            "/ a re-apply after removal (the median above) is the same merge arithmetic, so no exact merge "
-            "can make it 4x cheaper on a CPU."
+            "/ a re-apply after removal (the median above) is the same merge arithmetic."
+        )
+        print(
+            f"{tag:5s}   floor: one copy of every patched weight takes {m['floor']:.3f} s = "
+            f"{m['floor'] / m['p_apply']:.2f}x the fresh apply; an exact strength change rewrites every "
+            "patched weight from its original, so no exact strength change gets below that ratio on this "
+            "machine "
+            f"(the pack's strength change is {m['p_strength'] / m['floor']:.1f}x the floor: the merge "
+            "arithmetic)."
         )
         row(
             tag,
