@@ -37,11 +37,11 @@ def _model_dir(name: str) -> Path:
 
 class FaceIDEmbed:
     DESCRIPTION = (
-        "Finds the face in each image with insightface (models/insightface/models/<name>, e.g. buffalo_l or "
-        "antelopev2; detection is retried at smaller sizes) and returns its normed ArcFace embedding and the "
-        "aligned face crop, for FaceID IP-Adapters (Apply IP-Adapter's faceid input). Needs `pip install "
-        "insightface onnxruntime` (onnxruntime-gpu for CUDA). The insightface models are licensed for "
-        "non-commercial research only."
+        "Finds the face in each image with insightface (models/insightface/models/<name>, e.g. buffalo_l "
+        "or antelopev2; detection is retried at smaller sizes) and returns its ArcFace embedding (normed, "
+        "and raw for SDXL Portrait unnorm) and the aligned face crop, for FaceID IP-Adapters (Apply "
+        "IP-Adapter's faceid input). Needs `pip install insightface onnxruntime` (onnxruntime-gpu for "
+        "CUDA). The insightface models are licensed for non-commercial research only."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (FACEID, "IMAGE")
