@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from ..converters import ip_adapter_embeds
 from ..converters.checkpoint_layout import FAMILY_NAMES
 from ..converters.ip_adapter_files import IPAdapterFormatError, check_unet, parse_ip_adapter
 from ..converters.ip_adapter_scales import parse_block_scales, scaled
@@ -37,7 +38,8 @@ class ApplyIPAdapter:
         "with an image encoder from models/clip_vision (transformers or open_clip layout). Image adapters "
         "take the image input, encoded now (cached by content); FaceID adapters take the faceid input from "
         "FaceID Embed, and their built-in LoRA is merged at lora_strength beside your other LoRAs. Scale 0 "
-        "gives the same image as no adapter. Several IP-Adapters stack."
+        "gives the same image as no adapter. Several images (or faces) give every one's tokens side by side, "
+        "or one combined embedding (combine_embeds, as in ComfyUI_IPAdapter_plus). Several IP-Adapters stack."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (PIPELINE, "STRING")
@@ -140,6 +142,17 @@ class ApplyIPAdapter:
                         "shortcut_scale).",
                     },
                 ),
+                "combine_embeds": (
+                    list(ip_adapter_embeds.COMBINE_EMBEDS),
+                    {
+                        "default": "concat",
+                        "tooltip": "With several images (or faces): how their embeddings are combined "
+                        "before the adapter's projection, as in ComfyUI_IPAdapter_plus. concat keeps "
+                        "every image's tokens side by side (diffusers' way); add, subtract (the first "
+                        "minus the mean of the others), average and norm average make one image's worth "
+                        "of tokens. FaceID Plus combines the face embeddings and the crops' CLIP states.",
+                    },
+                ),
             },
         }
 
@@ -167,6 +180,7 @@ class ApplyIPAdapter:
         lora_strength: float = 1.0,
         faceid_v2: str = "auto",
         v2_weight: float = 1.0,
+        combine_embeds: str = "concat",
     ):
         base = pipeline.base
         adapter_path = comfy_host.resolve_model_path("ipadapter", ipadapter)
@@ -184,6 +198,11 @@ class ApplyIPAdapter:
         blocks = parse_block_scales(block_scales, unet_attention_layout(unet), base.family_name)
         if not 0.0 <= start_at < end_at <= 1.0:
             raise ValueError(f"start_at ({start_at}) must be below end_at ({end_at}), both between 0 and 1.")
+        if combine_embeds not in ip_adapter_embeds.COMBINE_EMBEDS:
+            raise ValueError(
+                f"combine_embeds must be one of {', '.join(ip_adapter_embeds.COMBINE_EMBEDS)}, "
+                f"not {combine_embeds!r}."
+            )
         if adapter.is_face_id:
             if faceid is None:
                 raise IPAdapterFormatError(
@@ -201,6 +220,7 @@ class ApplyIPAdapter:
             if adapter.uses_raw_face_embeddings:
                 positive = positive[:, :, None]  # [1, n faces, 1 token, 512]: a resampler's input
             negative = torch.zeros_like(positive)
+            positive, negative = ip_adapter_embeds.combine_embeds(positive, negative, combine_embeds)
             digest = faceid.digest
         elif image is None:
             raise IPAdapterFormatError(
@@ -225,10 +245,14 @@ class ApplyIPAdapter:
                 )
             encoder_key = (file_identity(encoder_path), str(base.dtype), str(base.device))
             if adapter.is_face_id:  # FaceID Plus: the CLIP hidden states of the aligned face crops
-                clip = encode_images(encoder, faceid.crops, True, encoder_key)
+                clip = ip_adapter_embeds.combine_embeds(
+                    *encode_images(encoder, faceid.crops, True, encoder_key), combine_embeds
+                )
                 shortcut = _shortcut(faceid_v2, ipadapter, base.family)
             else:
-                positive, negative = encode_images(encoder, image, hidden, encoder_key)
+                positive, negative = ip_adapter_embeds.combine_embeds(
+                    *encode_images(encoder, image, hidden, encoder_key), combine_embeds
+                )
 
         key = (
             file_identity(adapter_path),
@@ -240,6 +264,7 @@ class ApplyIPAdapter:
             end_at,
             shortcut,
             v2_weight if shortcut else None,
+            combine_embeds,
         )
         spec = IPAdapterSpec(
             key,
@@ -258,6 +283,7 @@ class ApplyIPAdapter:
         handle = pipeline
         if adapter.is_face_id:
             info = f"{ipadapter}: {adapter.variant_name}, {len(faceid)} face(s), scale {scale:g}"
+            info += _combined_info(combine_embeds, len(faceid), "face")
             if clip is not None:
                 info += f", PlusV2 shortcut {v2_weight:g}" if shortcut else ", Plus v1 (no shortcut)"
             if adapter.has_lora and lora_strength != 0.0:
@@ -270,7 +296,17 @@ class ApplyIPAdapter:
                 info += " (the image input is not used by FaceID)"
         else:
             info = f"{ipadapter}: {adapter.variant_name}, {image.shape[0]} image(s), scale {scale:g}"
+            info += _combined_info(combine_embeds, image.shape[0], "image")
         return {"ui": {"text": [info]}, "result": (handle.with_adapter(spec), info)}
+
+
+def _combined_info(mode: str, count: int, what: str) -> str:
+    """The info text's note on combine_embeds (nothing for concat, the default)."""
+    if mode == "concat":
+        return ""
+    if count < 2:
+        return f", combine_embeds {mode} (one {what}: nothing to combine)"
+    return f", embeddings combined: {mode}"
 
 
 def _shortcut(choice: str, name: str, family: str | None) -> bool:
