@@ -160,12 +160,15 @@ def assign_widget_values(node: Mapping, node_class: type, linked: set[str]) -> d
             break
     else:
         layout = current
-        log.warning(
+        expected = sum(s.width for s in current)
+        # Fewer values: the node gained widgets since the workflow was saved; they keep their defaults,
+        # as in ComfyUI's frontend. More values than widgets is worth a warning.
+        (log.info if len(values) < expected else log.warning)(
             "Node %s (%s): %d widget values, expected %d; assigning them in order.",
             node.get("id"),
             node.get("type"),
             len(values),
-            sum(s.width for s in current),
+            expected,
         )
     position = 0
     for slot in layout:

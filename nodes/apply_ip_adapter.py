@@ -198,11 +198,6 @@ class ApplyIPAdapter:
         blocks = parse_block_scales(block_scales, unet_attention_layout(unet), base.family_name)
         if not 0.0 <= start_at < end_at <= 1.0:
             raise ValueError(f"start_at ({start_at}) must be below end_at ({end_at}), both between 0 and 1.")
-        if combine_embeds not in ip_adapter_embeds.COMBINE_EMBEDS:
-            raise ValueError(
-                f"combine_embeds must be one of {', '.join(ip_adapter_embeds.COMBINE_EMBEDS)}, "
-                f"not {combine_embeds!r}."
-            )
         if adapter.is_face_id:
             if faceid is None:
                 raise IPAdapterFormatError(
