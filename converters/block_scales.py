@@ -73,7 +73,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
 
-from .checkpoint_layout import FAMILY_NAMES
+from .families import FAMILY_NAMES
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 _LEVELS = {"sd1": 4, "sd2": 4, "sdxl": 3}

@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from .families import FAMILY_NAMES
+
 Shapes = Mapping[str, tuple[int, ...]]
 
 UNET = "model.diffusion_model."
@@ -23,7 +25,6 @@ SDXL_CLIP_L = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G = "conditioner.embedders.1.model."
 SDXL_REFINER_CLIP = "conditioner.embedders.0.model."
 
-FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 # Key ComfyUI reads for its SD2 v-prediction heuristic (std of this bias > 0.09 → v).
 V_PREDICTION_PROBE = UNET + "output_blocks.11.1.transformer_blocks.0.norm1.bias"
 

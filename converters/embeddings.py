@@ -25,9 +25,10 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from .families import TEXT_ENCODER_BY_TOKEN_WIDTH
+
 SINGLE = ""
 SDXL_SLOTS = ("clip_l", "clip_g")
-_WIDTH_FAMILY = {768: "SD1.x", 1024: "SD2.x", 1280: "SDXL (second encoder)"}
 _EXPECTED = (
     "expected a textual-inversion embedding: {token: tensor[n, dim]} (diffusers), string_to_param "
     "(A1111 .pt), emb_params (A1111/Kohya .safetensors) or clip_l + clip_g (SDXL)"
@@ -83,7 +84,7 @@ class Embedding:
 
 def embedding_width_family(width: int) -> str | None:
     """The model family whose text encoder has this embedding width; None for other widths."""
-    return _WIDTH_FAMILY.get(int(width))
+    return TEXT_ENCODER_BY_TOKEN_WIDTH.get(int(width))
 
 
 def parse_embedding(obj: Mapping[str, Any] | torch.Tensor, name: str | None = None) -> Embedding:

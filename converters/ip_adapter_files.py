@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from .families import FAMILY_BY_CROSS_ATTENTION
+
 VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm")
 VARIANT_NAMES = {
     "base": "IP-Adapter (base / light / SDXL)",
@@ -45,8 +47,6 @@ VARIANT_NAMES = {
 }
 # The width of insightface's ArcFace embedding: a Plus resampler taking this is FaceID Portrait unnorm.
 INSIGHTFACE_WIDTH = 512
-# Cross-attention width of the UNet the adapter was trained for → model family.
-FAMILY_BY_CROSS_ATTENTION = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 # Which encoder output the image projection takes.
 USES_HIDDEN_STATES = {"full_face", "plus", "faceid_plus"}
 # The LoRA of a FaceID file: `<processor index>.to_<q|k|v|out>_lora.<down|up>.weight`.
