@@ -31,7 +31,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from ..converters import checkpoint_layout as layout
+from ..converters import checkpoint_layout
+from ..converters.families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
 from ..converters.training_metadata import summarize
 from .model_files import (
     PICKLE_SUFFIXES,
@@ -41,6 +42,7 @@ from .model_files import (
     load_pickle_state_dict,
     open_model_file,
 )
+from .pipeline_layout import PipelineLayout, layout_of, module_shapes
 from .schedulers import default_scheduler
 from .tokenizers import END_OF_TEXT, OPEN_CLIP_PAD, clip_tokenizer
 
@@ -58,6 +60,7 @@ class BaseModel:
     """One loaded base pipeline, shared by every handle that refers to it.
 
     Only the sampler touches `pipe`, under `lock`; `applied` records which adapters it carries.
+    Nodes read `layout`, the pipeline's frozen layout recorded when it was made, never `pipe`.
     """
 
     pipe: DiffusionPipeline
@@ -69,11 +72,15 @@ class BaseModel:
     info: str = ""
     lock: threading.RLock = field(default_factory=threading.RLock)
     applied: tuple = ()  # adapter specs currently applied to `pipe`, in order
-    kind_state: dict = field(default_factory=dict)  # per adapter kind: what it needs to undo itself
+    kind_state: dict = field(default_factory=dict)  # adapter kind name -> what it needs to undo itself
+    layout: PipelineLayout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = layout_of(self.pipe, self.family)
 
     @property
     def family_name(self) -> str:
-        return layout.FAMILY_NAMES[self.family]
+        return FAMILY_NAMES[self.family]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -155,7 +162,7 @@ def _clip_state(converted: dict[str, torch.Tensor], model: torch.nn.Module, laye
 
 
 def _text_encoder(file: ModelFile, config: dict, prefix: str, open_clip: bool, dtype: torch.dtype):
-    cls = CLIPTextModelWithProjection if prefix == layout.SDXL_CLIP_G else CLIPTextModel
+    cls = CLIPTextModelWithProjection if prefix == checkpoint_layout.SDXL_CLIP_G else CLIPTextModel
     te_config = CLIPTextConfig(**config)
     with init_empty_weights(include_buffers=False):
         meta_model = cls(te_config)
@@ -172,9 +179,7 @@ def _text_encoder(file: ModelFile, config: dict, prefix: str, open_clip: bool, d
 def checkpoint_targets(path: Path) -> tuple[str, dict[str, dict[str, tuple[int, ...]]]]:
     """(family, module path -> weight shape per part) of a single-file checkpoint, from its header
     alone: the modules are built on the meta device, no weight is read."""
-    from .lora_patcher import module_shapes
-
-    configs = layout.infer_configs(open_model_file(path).shapes)
+    configs = checkpoint_layout.infer_configs(open_model_file(path).shapes)
     with init_empty_weights(include_buffers=False):
         parts = {
             "unet": UNet2DConditionModel(**configs.unet),
@@ -189,8 +194,10 @@ def _detect_prediction(file: ModelFile, family: str) -> str:
     if "v_pred" in file.shapes:
         return "v_prediction"
     # ComfyUI's heuristic for SD2: v-prediction models have a wide spread in this bias.
-    if family == "sd2" and layout.V_PREDICTION_PROBE in file.shapes:
-        probe = file.read([layout.V_PREDICTION_PROBE])[layout.V_PREDICTION_PROBE].float()
+    if family == "sd2" and checkpoint_layout.V_PREDICTION_PROBE in file.shapes:
+        probe = file.read([checkpoint_layout.V_PREDICTION_PROBE])[
+            checkpoint_layout.V_PREDICTION_PROBE
+        ].float()
         return "v_prediction" if torch.std(probe, unbiased=False) > 0.09 else "epsilon"
     return "epsilon"
 
@@ -201,27 +208,31 @@ def load_single_file(
     """A diffusers pipeline from an original-layout checkpoint: (pipe, family, prediction, info)."""
     file = open_model_file(path)
     try:
-        configs = layout.infer_configs(file.shapes)
-    except layout.CheckpointFormatError as e:
+        configs = checkpoint_layout.infer_configs(file.shapes)
+    except checkpoint_layout.CheckpointFormatError as e:
         raise BaseModelError(f"{path.name}: {e}") from e
     family = configs.family
     if prediction == "auto":
         prediction = _detect_prediction(file, family)
 
-    unet_sd = file.read(k for k in file.shapes if k.startswith(layout.UNET))
+    unet_sd = file.read(k for k in file.shapes if k.startswith(checkpoint_layout.UNET))
     unet = _build(
         UNet2DConditionModel, configs.unet, convert_ldm_unet_checkpoint(unet_sd, configs.unet), dtype
     )
     del unet_sd
-    vae_sd = file.read(k for k in file.shapes if k.startswith(layout.VAE))
+    vae_sd = file.read(k for k in file.shapes if k.startswith(checkpoint_layout.VAE))
     vae = _build(AutoencoderKL, configs.vae, convert_ldm_vae_checkpoint(vae_sd, configs.vae), dtype)
     del vae_sd
     scheduler = default_scheduler(family, prediction)
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=_text_encoder(file, configs.text_encoder, layout.SDXL_CLIP_L, False, dtype),
-            text_encoder_2=_text_encoder(file, configs.text_encoder_2, layout.SDXL_CLIP_G, True, dtype),
+            text_encoder=_text_encoder(
+                file, configs.text_encoder, checkpoint_layout.SDXL_CLIP_L, False, dtype
+            ),
+            text_encoder_2=_text_encoder(
+                file, configs.text_encoder_2, checkpoint_layout.SDXL_CLIP_G, True, dtype
+            ),
             tokenizer=clip_tokenizer(END_OF_TEXT),
             tokenizer_2=clip_tokenizer(OPEN_CLIP_PAD),
             unet=unet,
@@ -231,7 +242,7 @@ def load_single_file(
         )
     else:
         open_clip = family == "sd2"
-        prefix = layout.SD2_CLIP if open_clip else layout.SD1_CLIP
+        prefix = checkpoint_layout.SD2_CLIP if open_clip else checkpoint_layout.SD1_CLIP
         pipe = StableDiffusionPipeline(
             vae=vae,
             text_encoder=_text_encoder(file, configs.text_encoder, prefix, open_clip, dtype),
@@ -251,7 +262,10 @@ def family_of_pipeline(pipe: DiffusionPipeline) -> str:
     if isinstance(pipe, StableDiffusionXLPipeline):
         return "sdxl"
     if isinstance(pipe, StableDiffusionPipeline):
-        return "sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1"
+        # SD1 unless the width says SD2: tiny test models have widths of their own.
+        return (
+            "sd2" if FAMILY_BY_CROSS_ATTENTION.get(pipe.unet.config.cross_attention_dim) == "sd2" else "sd1"
+        )
     raise BaseModelError(
         f"{type(pipe).__name__} folders are not supported; use a Stable Diffusion 1.x, 2.x or SDXL model."
     )

@@ -34,8 +34,8 @@ from ..converters.lora_keys import parse_lora
 from ..converters.lora_patch import LoraFile, LoraFormatError
 from .base_models import BaseModel
 from .image_encoders import image_processor
-from .lora_patcher import LoraSpec, module_shapes
-from .pipeline_handle import KeyedSpec
+from .lora_patcher import LoraSpec
+from .pipeline_handle import KeyedSpec, SamplingRun
 
 EMBEDS_CACHE_SIZE = 32
 _embeds_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
@@ -78,18 +78,11 @@ def _no_block_scale(part: str, path: str) -> float:
     return 1.0
 
 
-def unet_attention_processors(unet) -> list[str]:
-    """The UNet's own attention processor names, in `attn_processors` order: without those of an
-    IP-Adapter projection (Plus, FaceID Plus resamplers) that the shared pipeline may carry now."""
-    return [name for name in unet.attn_processors if not name.startswith("encoder_hid_proj.")]
-
-
 def faceid_lora(f: IPAdapterFile, base: BaseModel) -> LoraFile:
     """The LoRA of FaceID file `f` in the pack's canonical form, for `base`'s UNet."""
-    unet = base.pipe.unet
-    state = faceid_lora_state_dict(f, unet_attention_processors(unet))
+    state = faceid_lora_state_dict(f, base.layout.attention.processors)
     try:
-        lora = parse_lora(state, {"unet": module_shapes(unet)})
+        lora = parse_lora(state, {"unet": base.layout.shapes("unet")})
     except LoraFormatError as e:
         raise IPAdapterFormatError(
             f"The LoRA inside this {f.variant_name} file does not fit the model: {e}"
@@ -112,6 +105,19 @@ def faceid_lora_spec(f: IPAdapterFile, base: BaseModel, key: tuple, strength: fl
 
 class IPAdapterKind:
     name = "ip_adapter"
+
+    @contextmanager
+    def during_sampling(self, pipe, specs: tuple, run: SamplingRun) -> Iterator[None]:
+        """The reference embeddings as `ip_adapter_image_embeds`, FaceID Plus crops' CLIP embeddings,
+        and the per-step scale switches of adapters limited to part of the steps."""
+        run.pipeline_kwargs.update(ip_adapter_inputs(specs, run.guidance, pipe.device, pipe.unet.dtype))
+        with (
+            face_plus_clip_embeds(pipe, specs, run.guidance, run.batch_size),
+            step_range_schedule(pipe, specs, run.steps) as after_step,
+        ):
+            if after_step is not None:
+                run.after_step.append(after_step)
+            yield
 
     def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
         pipe = base.pipe
@@ -204,18 +210,6 @@ def face_plus_clip_embeds(pipe, adapters: tuple, guidance: bool, batch_size: int
     finally:
         for i, _ in plus:
             layers[i].clip_embeds = None
-
-
-def unet_attention_layout(unet) -> dict[str, dict[int, int]]:
-    """Block index -> transformer layers, for the UNet's down and up blocks that have attention."""
-    return {
-        side: {
-            i: len(b.attentions)
-            for i, b in enumerate(getattr(unet, f"{side}_blocks"))
-            if hasattr(b, "attentions")
-        }
-        for side in ("down", "up")
-    }
 
 
 @contextmanager

@@ -6,13 +6,18 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
-from ..converters.checkpoint_layout import FAMILY_NAMES
+from ..converters.block_scales import parse_block_scales
+from ..converters.embeddings import parse_embedding
+from ..converters.families import FAMILY_NAMES
 from ..converters.lora_keys import check_family, parse_lora
 from ..converters.lora_patch import LoraFile, LoraFormatError
 from ..converters.training_metadata import summarize
 from .base_models import BaseModel
-from .lora_patcher import target_shapes
-from .model_files import open_model_file
+from .lora_patcher import LORA, LoraSpec
+from .model_files import file_identity, open_model_file
+from .pipeline_handle import PipelineHandle
+from .pipeline_layout import PARTS
+from .textual_inversion import check_token_unique, make_spec
 
 # A file where more than this share of the keys matches nothing is not for this pipeline.
 MAX_UNMATCHED_SHARE = 0.5
@@ -22,27 +27,15 @@ _cache: OrderedDict[tuple, LoraFile] = OrderedDict()
 _lock = threading.Lock()
 
 
-def file_identity(path: Path) -> tuple:
-    stat = path.stat()
-    return (str(path), stat.st_size, stat.st_mtime_ns)
-
-
-def _targets(base: BaseModel) -> dict:
-    targets = base.kind_state.get("lora_targets")
-    if targets is None:
-        targets = base.kind_state["lora_targets"] = target_shapes(base.pipe)
-    return targets
-
-
 def read_lora(path: Path, base: BaseModel) -> LoraFile:
     """The parsed, validated LoRA file for this base model (cached by file version and layout)."""
-    key = (file_identity(path), base.family, id(_targets(base)))
+    key = (file_identity(path), base.layout.fingerprint)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
     file = open_model_file(path)
-    lora = parse_lora(file.read(file.shapes), _targets(base), file.metadata)
+    lora = parse_lora(file.read(file.shapes), base.layout.parts, file.metadata)
     check_family(lora.family, base.family)
     total = sum(lora.layer_count(p) for p in lora.patches) + len(lora.unmatched)
     if not lora.patches and not lora.embeddings:
@@ -60,6 +53,48 @@ def read_lora(path: Path, base: BaseModel) -> LoraFile:
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return lora
+
+
+def with_lora(
+    handle: PipelineHandle,
+    path: Path,
+    label: str,
+    strengths: dict[str, float],
+    block_weights: str = "",
+) -> tuple[PipelineHandle, str]:
+    """The handle with the LoRA file at `path` (checked against the handle's model now) at
+    `strengths` (part -> strength; parts not named get 0) and per-block scales `block_weights`,
+    plus the embeddings bundled in the file; and the node's info text."""
+    base = handle.base
+    lora = read_lora(path, base)
+    scales = parse_block_scales(block_weights or None, base.family, unet_config=base.layout.unet_config)
+    strengths = {part: float(strengths.get(part, 0.0)) for part in PARTS}
+    key = (file_identity(path), tuple(sorted(strengths.items())), scales)
+    handle = handle.with_adapter(LoraSpec(key, lora, strengths, scales.scale, label=label))
+    for token, vectors in lora.embeddings.items():  # bundle_emb: embeddings trained with the LoRA
+        ti = make_spec(parse_embedding(vectors), token, base, (file_identity(path), "bundle"), token, label)
+        if ti not in handle.adapters:
+            check_token_unique(handle.adapters, ti)
+            handle = handle.with_adapter(ti)
+    return handle, describe(lora, label)
+
+
+def without_loras(handle: PipelineHandle) -> PipelineHandle:
+    """The handle without its LoRAs and the embeddings bundled in them. A FaceID file's LoRA stays
+    with its IP-Adapter."""
+
+    def drop(spec) -> bool:
+        if spec.kind is LORA:
+            return not getattr(spec, "belongs_to_ip_adapter", False)
+        return bool(getattr(spec, "bundled_in", ""))
+
+    return handle.without(drop)
+
+
+def export_lora(path: Path, base: BaseModel, out_path: Path) -> list[str]:
+    """Write the LoRA at `path` (read for `base`'s layout) as a diffusers/PEFT file; returns what
+    diffusers cannot hold and was left out."""
+    return export_peft(read_lora(path, base), base.layout.parts, out_path)
 
 
 def export_peft(lora: LoraFile, targets: dict, out_path: Path) -> list[str]:

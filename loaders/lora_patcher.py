@@ -17,30 +17,13 @@ from typing import Callable, Mapping
 import torch
 
 from ..converters.lora_math import bias_delta, merged_weight, plain_lora_factors
-from ..converters.lora_patch import PARTS, LoraFile
+from ..converters.lora_patch import LoraFile
 from .base_models import BaseModel
 from .pipeline_handle import KeyedSpec
+from .pipeline_layout import pipeline_parts
 
 ModuleKey = tuple[str, str]  # (part, module path)
 Contribution = tuple  # ((spec, strength), ...) in application order
-
-
-def pipeline_parts(pipe) -> dict[str, torch.nn.Module]:
-    return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
-
-
-def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The module paths of `model` that have a weight, with the weight's shape."""
-    return {
-        name: tuple(m.weight.shape)
-        for name, m in model.named_modules()
-        if name and isinstance(getattr(m, "weight", None), torch.nn.Parameter)
-    }
-
-
-def target_shapes(pipe) -> dict[str, dict[str, tuple[int, ...]]]:
-    """For each part of the pipeline, its module paths with a weight and the weight's shape."""
-    return {part: module_shapes(model) for part, model in pipeline_parts(pipe).items()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,6 +203,9 @@ class LoraKind:
     """Reconciles the LoRAs a base model carries with the ones a handle wants."""
 
     name = "lora"
+
+    def after_offload(self, base: BaseModel) -> None:
+        move_backups_to_cpu(base)
 
     def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
         state: _LoraState = base.kind_state.setdefault(self.name, _LoraState())

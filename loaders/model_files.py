@@ -20,6 +20,12 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def file_identity(path: Path) -> tuple:
+    """What identifies one version of a file on disk: the cache key of everything read from it."""
+    stat = path.stat()
+    return (str(path), stat.st_size, stat.st_mtime_ns)
+
+
 class ModelFileError(ValueError):
     """A model file that cannot be read: truncated, corrupt, unsafe or of an unknown kind."""
 

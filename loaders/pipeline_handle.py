@@ -6,14 +6,16 @@ changes weights, and it first reconciles the base model with the handle it was g
 
 Each adapter spec names its `kind`, the object that knows how to move a base model from the
 specs of that kind it carries now to the ones wanted (the LoRA patcher, textual inversion, ...).
-Kinds work independently, so a change to one kind leaves the others' layers untouched.
+Kinds work independently, so a change to one kind leaves the others' layers untouched. A kind may
+also take part in a sampling run (`SamplingHooks`): the sampler calls every kind's hooks without
+knowing which kinds exist.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 from diffusers import DiffusionPipeline
 
@@ -28,6 +30,30 @@ class AdapterKind(Protocol):
     def reconcile(self, base: BaseModel, current: tuple, wanted: tuple) -> None:
         """Change `base.pipe` from carrying `current` to carrying `wanted` (specs of this kind,
         in order). Must leave the pipeline exactly as it was if it raises."""
+        ...
+
+
+@dataclass
+class SamplingRun:
+    """What the kinds may add to one sampling run: keyword arguments for the diffusers pipeline call
+    and functions to call after each completed step (with its number, 1-based)."""
+
+    steps: int
+    batch_size: int
+    guidance: bool  # classifier-free guidance on (cfg > 1): negative and positive batches
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)
+    after_step: list[Callable[[int], None]] = field(default_factory=list)
+
+
+class SamplingHooks(Protocol):
+    """Optional methods of an AdapterKind; the sampler calls those a kind has."""
+
+    def during_sampling(self, pipe: Any, specs: tuple, run: SamplingRun) -> ContextManager[None]:
+        """Prepare `pipe` and `run` for sampling with `specs` (this kind's, in order); undo on exit."""
+        ...
+
+    def after_offload(self, base: BaseModel) -> None:
+        """The pipeline was moved to the CPU after sampling: move what the kind keeps too."""
         ...
 
 
@@ -67,6 +93,15 @@ def _of_kind(specs: tuple, kind: AdapterKind) -> tuple:
     return tuple(s for s in specs if s.kind is kind)
 
 
+def kinds_of(specs: tuple) -> list[tuple[AdapterKind, tuple]]:
+    """The kinds among `specs`, in order of first appearance, each with its specs."""
+    kinds: list[AdapterKind] = []
+    for spec in specs:
+        if not any(spec.kind is k for k in kinds):
+            kinds.append(spec.kind)
+    return [(kind, _of_kind(specs, kind)) for kind in kinds]
+
+
 def reconcile(base: BaseModel, wanted: tuple) -> None:
     """Make the base model carry exactly `wanted`. Transactional: if a kind fails, or an interrupt
     arrives at any point, every kind started goes back, and the model carries what it carried before.
@@ -77,10 +112,7 @@ def reconcile(base: BaseModel, wanted: tuple) -> None:
     current = base.applied
     if current == wanted:
         return
-    kinds: list[AdapterKind] = []
-    for spec in current + wanted:
-        if not any(spec.kind is k for k in kinds):
-            kinds.append(spec.kind)
+    kinds = [kind for kind, _ in kinds_of(current + wanted)]
     started: list[AdapterKind] = []
     try:
         for kind in kinds:

@@ -1,15 +1,21 @@
 """One sampling run of a Stable Diffusion pipeline with ComfyUI's conventions: prompts encoded
 ComfyUI-style (long prompts chunked, `(text:1.2)` weights), seeds drawn on the CPU so the same
-seed gives the same image on any device, a callback every step for progress and interruption."""
+seed gives the same image on any device, a callback every step for progress and interruption.
+
+`run` is what the Sampler node calls: it materializes a pipeline socket and lets each adapter kind
+take part through its sampling hooks (pipeline_handle.SamplingHooks), so no adapter is named here."""
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
 
+from .base_models import same_device
+from .pipeline_handle import PipelineHandle, SamplingRun, kinds_of, materialized
 from .prompt_encoding import encode_prompt, pad_to_same_length
 from .schedulers import make_scheduler
 
@@ -51,6 +57,10 @@ class SamplingSettings:
     sampler_name: str = "euler"
     scheduler: str = "normal"
     clip_skip: int = -1
+
+    def __post_init__(self) -> None:
+        if self.width % 8 or self.height % 8:
+            raise ValueError(f"width and height must be multiples of 8 (got {self.width}x{self.height}).")
 
 
 def latent_preview(latents: torch.Tensor, family: str) -> torch.Tensor:
@@ -119,3 +129,43 @@ def sample(
     finally:
         pipe.scheduler = original_scheduler
     return out.images.permute(0, 2, 3, 1).float().cpu().contiguous()
+
+
+def run(
+    handle: PipelineHandle,
+    settings: SamplingSettings,
+    on_step: StepCallback | None = None,
+    offload_after: bool = False,
+) -> torch.Tensor:
+    """Sample images (ComfyUI IMAGE) from the pipeline with exactly `handle`'s adapters applied.
+
+    Each adapter kind's `during_sampling` hook prepares the run (IP-Adapter embeddings, per-step
+    scale changes...) and undoes itself afterwards; `offload_after` moves the pipeline, and what the
+    kinds keep beside it (`after_offload`), to the CPU when done, also after an error."""
+    base = handle.base
+    kinds = kinds_of(handle.adapters)
+    with materialized(handle) as pipe:
+        if not same_device(pipe.device, base.device):  # a needless pipe.to() costs 10-20 ms
+            pipe.to(base.device)
+        try:
+            state = SamplingRun(settings.steps, settings.batch_size, settings.cfg > 1)
+            with ExitStack() as hooks:
+                for kind, specs in kinds:
+                    during = getattr(kind, "during_sampling", None)
+                    if during is not None:
+                        hooks.enter_context(during(pipe, specs, state))
+
+                def step(i: int, latents: torch.Tensor) -> None:
+                    if on_step is not None:
+                        on_step(i, latents)
+                    for after in state.after_step:
+                        after(i)
+
+                return sample(pipe, settings, step, state.pipeline_kwargs)
+        finally:
+            if offload_after:
+                pipe.to("cpu")
+                for kind, _ in kinds:
+                    moved = getattr(kind, "after_offload", None)
+                    if moved is not None:
+                        moved(base)

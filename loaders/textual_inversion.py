@@ -17,7 +17,9 @@ import torch
 
 from ..converters.embeddings import Embedding, embedding_width_family
 from .base_models import BaseModel
-from .pipeline_handle import KeyedSpec, StackKind
+from .embedding_files import read_embedding
+from .model_files import file_identity
+from .pipeline_handle import KeyedSpec, PipelineHandle, StackKind
 
 TEXTUAL_INVERSION = StackKind("textual_inversion")
 EMBEDDING_PREFIX = "embedding:"
@@ -36,15 +38,13 @@ def sub_tokens(token: str, n: int) -> list[str]:
 
 def _slots(embedding: Embedding, base: BaseModel, name: str) -> list[tuple[str, str, torch.Tensor]]:
     """(tokenizer attribute, text encoder attribute, vectors) for each encoder the embedding feeds."""
-    pipe = base.pipe
     wanted = _SLOTS.get(base.family, (("", "text_encoder", "tokenizer"),))
     slots = []
     for key, encoder_attr, tokenizer_attr in wanted:
         vectors = embedding.vectors.get(key)
         if vectors is None and len(embedding.vectors) == 1 and not key:
             vectors = next(iter(embedding.vectors.values()))
-        encoder = getattr(pipe, encoder_attr)
-        width = encoder.get_input_embeddings().weight.shape[1]
+        width = base.layout.token_widths[encoder_attr]
         if vectors is None or vectors.shape[-1] != width:
             got = ", ".join(
                 f"{v.shape[-1]} ({embedding_width_family(v.shape[-1])})" for v in embedding.vectors.values()
@@ -122,7 +122,7 @@ def make_spec(
         raise TextualInversionError(f"Token {token!r} must be one word without spaces.")
     slots = _slots(embedding, base, label)
     for tokenizer_attr, _, vectors in slots:
-        vocab = _base_vocabulary(base, tokenizer_attr)
+        vocab = base.layout.vocabularies[tokenizer_attr]
         words = [t for t in sub_tokens(token, vectors.shape[0]) if t in vocab or t.lower() + "</w>" in vocab]
         if words:
             raise TextualInversionError(
@@ -131,16 +131,6 @@ def make_spec(
                 "(for example <name>)."
             )
     return TextualInversionSpec((identity, token), embedding, token, tuple(slots), label, bundled_in)
-
-
-def _base_vocabulary(base: BaseModel, tokenizer_attr: str) -> frozenset:
-    """The tokenizer's own words, without tokens added by embeddings (cached: building the 49k-entry
-    vocabulary costs ~15 ms)."""
-    cache = base.kind_state.setdefault("base_vocabulary", {})
-    if tokenizer_attr not in cache:
-        tokenizer = getattr(base.pipe, tokenizer_attr)
-        cache[tokenizer_attr] = frozenset(tokenizer.get_vocab()) - set(tokenizer.added_tokens_encoder)
-    return cache[tokenizer_attr]
 
 
 def check_token_unique(specs: tuple, spec: TextualInversionSpec) -> None:
@@ -176,3 +166,31 @@ def embedding_file(name: str, resolve: Callable[[str], Path]) -> Path:
         f"The prompt uses embedding:{name}, but no file {name}(.safetensors/.pt/.bin) "
         "is in models/embeddings."
     )
+
+
+def with_embedding(handle: PipelineHandle, path: Path, token: str, label: str) -> tuple[PipelineHandle, str]:
+    """The handle with the embedding file at `path` under `token` (empty: the name the file stores,
+    else the file's stem), and the node's info text."""
+    embedding = read_embedding(path)
+    token = token.strip() or embedding.name or path.stem
+    spec = make_spec(embedding, token, handle.base, file_identity(path), label)
+    check_token_unique(handle.adapters, spec)
+    if spec not in handle.adapters:
+        handle = handle.with_adapter(spec)
+    vectors = next(iter(embedding.vectors.values())).shape[0]
+    return handle, f"{label}: token {token!r}, {vectors} vector(s), {embedding.format} format"
+
+
+def with_prompt_embeddings(
+    handle: PipelineHandle, prompts: tuple[str, ...], resolve: Callable[[str], Path]
+) -> PipelineHandle:
+    """The handle plus every embedding a prompt names as `embedding:name` (ComfyUI's syntax), read
+    from `resolve(file name)` under the token `embedding:name`. An unknown name is an error naming it."""
+    for name in embedding_names(" ".join(prompts)):
+        path = embedding_file(name, resolve)
+        label = EMBEDDING_PREFIX + name
+        spec = make_spec(read_embedding(path), label, handle.base, file_identity(path), label)
+        if spec not in handle.adapters:
+            check_token_unique(handle.adapters, spec)
+            handle = handle.with_adapter(spec)
+    return handle

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from ..converters.block_scales import parse_block_scales
-from ..converters.embeddings import parse_embedding
-from ..loaders.lora_files import describe, file_identity, read_lora
-from ..loaders.lora_patcher import LORA, LoraSpec
+from ..loaders.lora_files import export_lora, with_lora, without_loras
+from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
-from ..loaders.textual_inversion import check_token_unique, make_spec
 from . import comfy_host
 from .common import CATEGORY, PIPELINE
 
@@ -84,25 +81,9 @@ class LoadLoRA:
         block_weights: str = "",
     ):
         path = comfy_host.resolve_model_path("loras", lora_name)
-        base = pipeline.base
-        lora = read_lora(path, base)
-        scales = parse_block_scales(block_weights or None, base.family, unet_config=base.pipe.unet.config)
         parts = APPLY_TO[apply_to]
-        strengths = {
-            p: (strength_model if p == "unet" else strength_clip) if p in parts else 0.0
-            for p in ("unet", "text_encoder", "text_encoder_2")
-        }
-        key = (file_identity(path), tuple(sorted(strengths.items())), scales)
-        spec = LoraSpec(key, lora, strengths, scales.scale, label=lora_name)
-        handle = pipeline.with_adapter(spec)
-        for token, vectors in lora.embeddings.items():  # bundle_emb: embeddings trained with the LoRA
-            ti = make_spec(
-                parse_embedding(vectors), token, base, (file_identity(path), "bundle"), token, lora_name
-            )
-            if ti not in handle.adapters:
-                check_token_unique(handle.adapters, ti)
-                handle = handle.with_adapter(ti)
-        info = describe(lora, lora_name)
+        strengths = {p: strength_model if p == "unet" else strength_clip for p in parts}
+        handle, info = with_lora(pipeline, path, lora_name, strengths, block_weights)
         return {"ui": {"text": [info]}, "result": (handle, info)}
 
 
@@ -122,13 +103,7 @@ class UnloadLoRA:
         return {"required": {"pipeline": (PIPELINE, {"tooltip": "The pipeline to remove every LoRA from."})}}
 
     def unload(self, pipeline: PipelineHandle):
-        # Embeddings a LoRA file carried go with it; a FaceID file's LoRA stays with its IP-Adapter.
-        def drop(s) -> bool:
-            if s.kind is LORA:
-                return not getattr(s, "belongs_to_ip_adapter", False)
-            return bool(getattr(s, "bundled_in", ""))
-
-        return (pipeline.without(drop),)
+        return (without_loras(pipeline),)
 
 
 class ExportLoRA:
@@ -170,16 +145,12 @@ class ExportLoRA:
         }
 
     def export(self, pipeline: PipelineHandle, lora_name: str, filename: str, overwrite: bool):
-        from ..loaders.lora_files import export_peft
-        from ..loaders.lora_patcher import target_shapes
-
         source = comfy_host.resolve_model_path("loras", lora_name)
-        lora = read_lora(source, pipeline.base)
         out = comfy_host.new_model_path(
             "loras", filename if filename.endswith(".safetensors") else filename + ".safetensors"
         )
         if out.exists() and not overwrite:
             raise FileExistsError(f"{out} exists; set overwrite or choose another filename.")
-        dropped = export_peft(lora, target_shapes(pipeline.base.pipe), out)
+        dropped = export_lora(source, pipeline.base, out)
         info = f"wrote {out}" + (f"\nleft out: {'; '.join(dropped)}" if dropped else "")
         return {"ui": {"text": [info]}, "result": (info,)}

@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-from ..loaders.embedding_files import read_embedding
-from ..loaders.lora_files import file_identity
+from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
-from ..loaders.textual_inversion import (
-    EMBEDDING_PREFIX,
-    check_token_unique,
-    embedding_file,
-    embedding_names,
-    make_spec,
-)
+from ..loaders.textual_inversion import with_embedding
 from . import comfy_host
 from .common import CATEGORY, PIPELINE
 
@@ -62,24 +55,5 @@ class LoadTextualInversion:
 
     def load(self, pipeline: PipelineHandle, embedding: str, token: str = ""):
         path = comfy_host.resolve_model_path("embeddings", embedding)
-        emb = read_embedding(path)
-        token = token.strip() or emb.name or path.stem
-        spec = make_spec(emb, token, pipeline.base, file_identity(path), embedding)
-        check_token_unique(pipeline.adapters, spec)
-        handle = pipeline if spec in pipeline.adapters else pipeline.with_adapter(spec)
-        vectors = next(iter(emb.vectors.values())).shape[0]
-        info = f"{embedding}: token {token!r}, {vectors} vector(s), {emb.format} format"
+        handle, info = with_embedding(pipeline, path, token, embedding)
         return {"ui": {"text": [info]}, "result": (handle, info)}
-
-
-def with_prompt_embeddings(handle: PipelineHandle, *prompts: str) -> PipelineHandle:
-    """The handle plus every embedding a prompt names as `embedding:name` (ComfyUI's syntax), loaded
-    from models/embeddings under the token `embedding:name`. An unknown name is an error naming it."""
-    for name in embedding_names(" ".join(prompts)):
-        path = embedding_file(name, lambda n: comfy_host.resolve_model_path("embeddings", n))
-        label = EMBEDDING_PREFIX + name
-        spec = make_spec(read_embedding(path), label, handle.base, file_identity(path), label)
-        if spec not in handle.adapters:
-            check_token_unique(handle.adapters, spec)
-            handle = handle.with_adapter(spec)
-    return handle

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from PIL import Image
 
-from ..loaders.base_models import same_device
-from ..loaders.ip_adapters import face_plus_clip_embeds, ip_adapter_inputs, step_range_schedule
-from ..loaders.lora_patcher import move_backups_to_cpu
-from ..loaders.pipeline_handle import PipelineHandle, materialized
-from ..loaders.sampling import SamplingSettings, latent_preview, sample
+from ..loaders.pipeline_handle import PipelineHandle
+from ..loaders.sampling import SamplingSettings, latent_preview, run
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
+from ..loaders.textual_inversion import with_prompt_embeddings
 from . import comfy_host
 from .common import CATEGORY, PIPELINE
-from .load_textual_inversion import with_prompt_embeddings
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
@@ -113,8 +110,6 @@ class Sampler:
         clip_skip: int,
         offload_after: bool = False,
     ):
-        if width % 8 or height % 8:
-            raise ValueError(f"width and height must be multiples of 8 (got {width}x{height}).")
         settings = SamplingSettings(
             positive,
             negative,
@@ -128,31 +123,18 @@ class Sampler:
             scheduler,
             clip_skip,
         )
-        pipeline = with_prompt_embeddings(pipeline, positive, negative)
-        base = pipeline.base
+        handle = with_prompt_embeddings(pipeline, (positive, negative), _embedding_path)
         comfy_host.check_interrupted()
-        if base.device.type != "cpu":
+        if handle.base.device.type != "cpu":
             comfy_host.free_host_memory()
+        family = handle.base.family
 
         def preview(latents):
-            return ("JPEG", Image.fromarray(latent_preview(latents, base.family).numpy()), 512)
+            return ("JPEG", Image.fromarray(latent_preview(latents, family).numpy()), 512)
 
-        with materialized(pipeline) as pipe:
-            if not same_device(pipe.device, base.device):  # a needless pipe.to() costs 10-20 ms
-                pipe.to(base.device)
-            try:
-                extra = ip_adapter_inputs(pipeline.adapters, cfg > 1, pipe.device, pipe.unet.dtype)
-                hook = comfy_host.step_hook(steps, preview)
-                with (
-                    face_plus_clip_embeds(pipe, pipeline.adapters, cfg > 1, batch_size),
-                    step_range_schedule(pipe, pipeline.adapters, steps) as after_step,
-                ):
-                    on_step = (
-                        hook if after_step is None else lambda i, latents: (hook(i, latents), after_step(i))
-                    )
-                    images = sample(pipe, settings, on_step, extra)
-            finally:
-                if offload_after:
-                    pipe.to("cpu")
-                    move_backups_to_cpu(base)
+        images = run(handle, settings, comfy_host.step_hook(steps, preview), offload_after)
         return (images,)
+
+
+def _embedding_path(name: str):
+    return comfy_host.resolve_model_path("embeddings", name)

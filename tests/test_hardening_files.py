@@ -23,11 +23,9 @@ from comfyui_diffusers_adapters.loaders.model_files import ModelFileError, open_
 from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
 from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA
-from comfyui_diffusers_adapters.nodes.load_textual_inversion import (
-    LoadTextualInversion,
-    with_prompt_embeddings,
-)
-from testlib import ldm_state_dict, tiny_pipeline
+from comfyui_diffusers_adapters.nodes.load_textual_inversion import LoadTextualInversion
+from comfyui_diffusers_adapters.nodes.sampler import Sampler
+from testlib import QUICK_SAMPLER, ldm_state_dict, tiny_pipeline
 
 
 # ------------------------------------------------------------------ code-running pickles
@@ -130,7 +128,7 @@ def _node_calls(handle):
             "embeddings",
             "evil.pt",
             _embedding,
-            lambda n: with_prompt_embeddings(handle, "a photo of embedding:evil", ""),
+            lambda n: Sampler().sample(handle, "a photo of embedding:evil", "", **QUICK_SAMPLER),
         ),
         "ipadapter-bin": (
             "ipadapter",

@@ -40,7 +40,6 @@ from comfyui_diffusers_adapters.converters.lora_keys import parse_lora
 from comfyui_diffusers_adapters.converters.lora_math import merged_weight, weight_delta
 from comfyui_diffusers_adapters.converters.lora_patch import LayerPatch, LoraFile
 from comfyui_diffusers_adapters.loaders.lora_files import read_lora
-from comfyui_diffusers_adapters.loaders.lora_patcher import target_shapes
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 
 WEIGHT_ATOL = 1e-5
@@ -54,7 +53,7 @@ def read(path):
 def export(models_root, handle, name: str, **kwargs):
     """Export a file of models/loras for the handle's pipeline; writes `peft_<name>` beside it."""
     lora = read_lora(models_root / "loras" / name, handle.base)
-    state_dict, header = to_peft_state_dict(lora, target_shapes(handle.base.pipe), **kwargs)
+    state_dict, header = to_peft_state_dict(lora, handle.base.layout.parts, **kwargs)
     save_file(state_dict, str(models_root / "loras" / f"peft_{name}"), metadata=header)
     return f"peft_{name}", state_dict, header
 
@@ -126,7 +125,7 @@ def test_exported_rank_is_the_delta_s_numerical_rank(models_root, tmp_path, case
     name, _, _ = write_lycoris(models_root, tmp_path, "sd1", case)
     handle = fresh_handle("sd1")
     lora = read_lora(models_root / "loras" / name, handle.base)
-    targets = target_shapes(handle.base.pipe)
+    targets = handle.base.layout.parts
     state_dict, header = to_peft_state_dict(lora, targets)
     configs = json.loads(header[METADATA_KEY])
     seen = set()
@@ -183,7 +182,7 @@ def test_full_diff_biases_and_norm_layers_are_refused_or_dropped(models_root, tm
         dropped = json.loads(results[name]["header"][DROPPED_KEY])
         assert dropped and all(what in entry for entry in dropped)
     # full diffs of random weights: rank min(out, in·k·k)
-    targets = target_shapes(handle.base.pipe)
+    targets = handle.base.layout.parts
     for key, tensor in results[full]["state_dict"].items():
         if key.startswith("unet.") and key.endswith(".lora_A.weight"):
             shape = targets["unet"][key[len("unet.") : -len(".lora_A.weight")]]
@@ -270,7 +269,7 @@ def test_metadata_round_trips(models_root, tmp_path):
 
     # the pack reads its own export back to the same merged weights
     source = read_lora(models_root / "loras" / name, handle.base)
-    targets = target_shapes(handle.base.pipe)
+    targets = handle.base.layout.parts
     again = parse_lora(state_dict, targets, header)
     assert again.format == "peft" and again.unmatched == ()
     for part, patches in source.patches.items():

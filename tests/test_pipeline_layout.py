@@ -31,6 +31,7 @@ def _wider_conv_in(handle):
     return type(pipe)(**{**pipe.components, "unet": unet})
 
 
+@pytest.mark.slow
 def test_parsed_lora_cache_never_serves_a_file_checked_against_another_layout(models_root):
     """The cache of parsed LoRA files was keyed on id() of a per-model dict: once a base model was
     evicted, a new model's dict could reuse the address and be served a LoRA checked against the old
@@ -52,3 +53,37 @@ def test_parsed_lora_cache_never_serves_a_file_checked_against_another_layout(mo
             lora_files.read_lora(path, base)
         del base, shift
         gc.collect()
+
+
+def test_layout_is_frozen_and_its_fingerprint_follows_the_content():
+    fits = fresh_handle().base
+    same = fits.__class__(fits.pipe, "sd1", "other name", torch.float32, torch.device("cpu"), "epsilon")
+    other = fits.__class__(
+        _wider_conv_in(fresh_handle()), "sd1", "tiny", torch.float32, torch.device("cpu"), "epsilon"
+    )
+    assert fits.layout.fingerprint == same.layout.fingerprint
+    assert fits.layout.fingerprint != other.layout.fingerprint
+    assert other.layout.shapes("unet")["conv_in"][0] == fits.layout.shapes("unet")["conv_in"][0] + 8
+    with pytest.raises(TypeError):
+        fits.layout.parts["unet"]["conv_in"] = (1,)
+    with pytest.raises(AttributeError):
+        fits.layout.family = "sdxl"
+
+
+def test_layout_records_what_adapters_are_checked_against():
+    """Attention layout, token widths and vocabularies as the live model has them at load."""
+    base = fresh_handle("sdxl").base
+    unet = base.pipe.unet
+    attention = base.layout.attention
+    assert attention.processors == tuple(unet.attn_processors)
+    assert attention.cross_attention_count == sum(1 for n in unet.attn_processors if "attn2" in n)
+    assert dict(attention.blocks["down"]) == {
+        i: len(b.attentions) for i, b in enumerate(unet.down_blocks) if hasattr(b, "attentions")
+    }
+    for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
+        width = getattr(base.pipe, encoder).get_input_embeddings().weight.shape[1]
+        assert base.layout.token_widths[encoder] == width
+        words = getattr(base.pipe, tokenizer)
+        assert base.layout.vocabularies[tokenizer] == frozenset(words.get_vocab()) - set(
+            words.added_tokens_encoder
+        )
