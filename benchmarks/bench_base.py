@@ -227,7 +227,7 @@ def write_sd15_checkpoint(folder: Path) -> tuple[Path, Path]:
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    ldm_export = pack_module("converters.ldm_export")
+    ldm_export = pack_module("devtools.ldm_export")
     schedulers = pack_module("loaders.schedulers")
     tokenizers = pack_module("loaders.tokenizers")
 
@@ -437,7 +437,7 @@ def bench_sampler(base, steps: int, res: int, reps: int, warmup: int) -> dict:
 
 
 def tiny_base(device: torch.device):
-    tiny = pack_module("loaders.tiny_pipelines")
+    tiny = pack_module("devtools.tiny_pipelines")
     BaseModel = pack_module("loaders.base_models").BaseModel
     pipe = tiny.build_tiny_pipeline("sd1", seed=0).to(device)
     pipe.unet.requires_grad_(False)

@@ -206,7 +206,7 @@ def build_pipeline(size: str, device: torch.device, dtype: torch.dtype):
     """The full-size UNet in a pipeline with the pack's tiny text encoder(s), tokenizers and VAE."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    tiny = pack_module("loaders.tiny_pipelines").build_tiny_pipeline("sd1" if size == "sd15" else "sdxl")
+    tiny = pack_module("devtools.tiny_pipelines").build_tiny_pipeline("sd1" if size == "sd15" else "sdxl")
     unet = build_unet(size, device, dtype)
     common = {"vae": tiny.vae, "text_encoder": tiny.text_encoder, "tokenizer": tiny.tokenizer, "unet": unet}
     common["scheduler"] = tiny.scheduler
@@ -385,7 +385,7 @@ class DiffusersSide:
 
 def warm_up(device: torch.device, dtype: torch.dtype, folder: Path) -> None:
     """Run both loaders once on a tiny SD1 pipeline (imports, first-call paths), outside the timings."""
-    tiny = pack_module("loaders.tiny_pipelines").build_tiny_pipeline("sd1").to(device=device, dtype=dtype)
+    tiny = pack_module("devtools.tiny_pipelines").build_tiny_pipeline("sd1").to(device=device, dtype=dtype)
     base = pack_module("loaders.base_models").BaseModel(tiny, "sd1", "warm-up", dtype, device, "epsilon")
     helpers = test_helpers()
     torch.manual_seed(0)

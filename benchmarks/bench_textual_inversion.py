@@ -202,7 +202,7 @@ def bench_load(work: Path, reps: int) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     emb_lib, _ = test_helpers()
-    tiny = pack_module("loaders.tiny_pipelines").build_tiny_pipeline
+    tiny = pack_module("devtools.tiny_pipelines").build_tiny_pipeline
     folder = work / "models" / "embeddings"
     pack_module("nodes.comfy_host").set_models_root(work / "models")
     emb_lib.write_a1111_pt(folder / "a1111_sd1.pt", "benchneg", emb_lib.random_vectors(VECTORS, 64, 1))

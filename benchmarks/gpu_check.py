@@ -21,10 +21,10 @@ load_pack()
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from comfyui_diffusers_adapters.converters.ldm_export import to_ldm_checkpoint  # noqa: E402
+from comfyui_diffusers_adapters.devtools.ldm_export import to_ldm_checkpoint  # noqa: E402
+from comfyui_diffusers_adapters.devtools.tiny_pipelines import build_tiny_pipeline  # noqa: E402
 from comfyui_diffusers_adapters.headless.demo import DEMO_LORA, write_demo_lora  # noqa: E402
 from comfyui_diffusers_adapters.loaders import base_models, lora_patcher  # noqa: E402
-from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline  # noqa: E402
 from comfyui_diffusers_adapters.nodes import comfy_host  # noqa: E402
 from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth  # noqa: E402
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA  # noqa: E402

@@ -68,7 +68,7 @@ def write_models(root: Path, input_dir: Path) -> None:
     from safetensors.torch import save_file
 
     demo = pack_module("headless.demo")
-    tiny = pack_module("loaders.tiny_pipelines")
+    tiny = pack_module("devtools.tiny_pipelines")
     demo.write_demo_checkpoint(root)
     pipe = tiny.build_tiny_pipeline("sd1", seed=0)
     for i, name in enumerate(("style_a", "style_b", "style_c")):

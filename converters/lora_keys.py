@@ -30,8 +30,8 @@ from typing import Iterable, Mapping
 
 import torch
 
+from ..devtools.ldm_export import unet_to_ldm  # to be replaced by a production SGM table
 from .checkpoint_layout import FAMILY_NAMES
-from .ldm_export import unet_to_ldm
 from .lora_patch import PARTS, LayerPatch, LoraFile, LoraFormatError
 
 StateDict = Mapping[str, torch.Tensor]

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..converters.ldm_export import to_ldm_checkpoint
-from ..loaders.tiny_pipelines import build_tiny_pipeline
+from ..devtools.ldm_export import to_ldm_checkpoint
+from ..devtools.tiny_pipelines import build_tiny_pipeline
 from ..nodes import NODE_CLASS_MAPPINGS, comfy_host
 from ..nodes.common import node_id
 from .runner import WorkflowRunner

@@ -26,7 +26,7 @@ from comfyui_diffusers_adapters.converters.block_scales import (
     parse_block_scales,
     sgm_block,
 )
-from comfyui_diffusers_adapters.converters.ldm_export import unet_to_ldm
+from comfyui_diffusers_adapters.devtools.ldm_export import unet_to_ldm
 
 # The published configs of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0.
 SD15_UNET = {
@@ -52,7 +52,7 @@ SDXL_UNET = {
     "projection_class_embeddings_input_dim": 2816,
     "sample_size": 128,
 }
-# The tiny pipelines' layout (loaders/tiny_pipelines.py): 2 levels, 1 layer per block.
+# The tiny pipelines' layout (devtools/tiny_pipelines.py): 2 levels, 1 layer per block.
 TINY_UNET = {
     "block_out_channels": (32, 64),
     "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),

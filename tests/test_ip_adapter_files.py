@@ -35,9 +35,9 @@ from comfyui_diffusers_adapters.converters.ip_adapter_files import (
     parse_ip_adapter,
     state_dict_for_diffusers,
 )
+from comfyui_diffusers_adapters.devtools.tiny_pipelines import build_tiny_pipeline
 from comfyui_diffusers_adapters.loaders import image_encoders
 from comfyui_diffusers_adapters.loaders.model_files import open_model_file
-from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline
 from testlib import tiny_pipeline
 
 VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm")

@@ -10,8 +10,8 @@ from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from comfyui_diffusers_adapters.converters.checkpoint_layout import infer_configs
-from comfyui_diffusers_adapters.converters.ldm_export import to_ldm_checkpoint
-from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline
+from comfyui_diffusers_adapters.devtools.ldm_export import to_ldm_checkpoint
+from comfyui_diffusers_adapters.devtools.tiny_pipelines import build_tiny_pipeline
 
 FAMILIES = ["sd1", "sd2", "sdxl"]
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from comfyui_diffusers_adapters.converters.ldm_export import to_ldm_checkpoint
+from comfyui_diffusers_adapters.devtools.ldm_export import to_ldm_checkpoint
+from comfyui_diffusers_adapters.devtools.tiny_pipelines import build_tiny_pipeline
 from comfyui_diffusers_adapters.loaders.schedulers import make_scheduler
-from comfyui_diffusers_adapters.loaders.tiny_pipelines import build_tiny_pipeline
 
 _pipes: dict = {}
 

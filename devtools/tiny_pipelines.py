@@ -20,7 +20,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .tokenizers import OPEN_CLIP_PAD, clip_tokenizer
+from ..loaders.tokenizers import OPEN_CLIP_PAD, clip_tokenizer
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 CLIP_VOCAB_SIZE = 49408

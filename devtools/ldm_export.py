@@ -17,7 +17,7 @@ from typing import Mapping
 
 import torch
 
-from .checkpoint_layout import SD1_CLIP, SD2_CLIP, SDXL_CLIP_G, SDXL_CLIP_L, UNET, VAE
+from ..converters.checkpoint_layout import SD1_CLIP, SD2_CLIP, SDXL_CLIP_G, SDXL_CLIP_L, UNET, VAE
 
 StateDict = Mapping[str, torch.Tensor]
 
