@@ -134,7 +134,7 @@ def test_two_threads_sharing_a_base_pipeline_are_serialized_and_match_sequential
         sections.append(("leave", threading.current_thread().name))
         return out
 
-    monkeypatch.setattr("comfyui_diffusers_adapters.nodes.sampler.sample", sample)
+    monkeypatch.setattr("comfyui_diffusers_adapters.loaders.sampling.sample", sample)
     results: dict[str, list] = {"a": [], "b": []}
     errors: list[BaseException] = []
 
