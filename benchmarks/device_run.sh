@@ -50,8 +50,10 @@ stage() {
   timeout -k 10 "$limit" "$@" >"$OUT/$name.txt" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $(($(date +%s) - t0)) s$([ $rc = 124 ] && echo ' (TIME LIMIT)')"
-  grep -E "PASS|FAIL|INFO|SKIP|ratio|^==|per step|loaded|wrote|dropped|device time|Error|error:" \
-    "$OUT/$name.txt" | grep -v "^  rep " | tail -n 45
+  # (ComfyUI's KSampler draws a tqdm bar, as in the app: its carriage returns become line breaks here)
+  tr '\r' '\n' <"$OUT/$name.txt" | grep -v "it/s\]" |
+    grep -E "PASS|FAIL|INFO|SKIP|ratio|^==|^side|^comfyui|^pack|loaded|wrote|dropped|device time|Error|error:" |
+    tail -n 45
 }
 
 # ---- carried packages (nothing can be downloaded there)
