@@ -1,6 +1,7 @@
 """The one module that knows ComfyUI.
 
-Inside ComfyUI it forwards to `folder_paths`, `comfy.utils` and `comfy.model_management`.
+Inside ComfyUI it forwards to `folder_paths`, `comfy.utils`, `comfy.model_management`, `comfy.cli_args`
+(the preview method) and `latent_preview` (TAESD previews).
 Outside (tests, the headless runner) it falls back to a models root with ComfyUI's folder
 names, a text progress bar and an interrupt flag. Nothing else in the pack imports ComfyUI.
 """
@@ -23,6 +24,10 @@ try:  # ComfyUI present: these modules are already imported by the host process.
 except ImportError:  # tests, the command line
     _mm = _cu = _fp = None
     IN_COMFYUI = False
+try:  # ComfyUI's settings; its `preview_method` is rewritten before each prompt (the prompt's override)
+    from comfy.cli_args import args as _comfy_args
+except ImportError:
+    _comfy_args = None
 
 PACK_FOLDERS = ("ipadapter", "insightface")
 MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "embeddings", "clip_vision") + PACK_FOLDERS
@@ -222,14 +227,71 @@ class _QuietProgressBar:
         pass
 
 
-def step_hook(total: int, preview_fn: Callable[[Any], Any] | None = None) -> Callable[[int, Any], None]:
-    """A per-step callback: checks for interruption, then advances a progress bar."""
-    bar = progress_bar(total)
+def preview_method() -> str:
+    """ComfyUI's latent preview method for the running prompt: "none", "auto", "latent2rgb" or "taesd"
+    (its --preview-method, or the prompt's own choice, which ComfyUI writes into the same setting
+    before each prompt). Outside ComfyUI nobody sees previews: "none"."""
+    if not IN_COMFYUI or _comfy_args is None:
+        return "none"
+    method = getattr(_comfy_args, "preview_method", None)
+    return str(getattr(method, "value", method) or "none").lower()
 
-    def on_step(step: int, latents: Any) -> None:
-        check_interrupted()
-        preview = preview_fn(latents) if (preview_fn is not None and IN_COMFYUI) else None
-        bar.update_absolute(step, total, preview)
+
+def _taesd_preview(family: str) -> Callable[[Any], Any] | None:
+    """ComfyUI's own TAESD previewer when its decoder for `family` is in models/vae_approx
+    (taesd_decoder.* for SD1.x/SD2.x, taesdxl_decoder.* for SDXL), else None. Built at the first
+    step, on the latents' device, as ComfyUI's KSampler builds it on the model's."""
+    import comfy.latent_formats
+    import latent_preview  # ComfyUI's module
+
+    latent_format = comfy.latent_formats.SDXL() if family == "sdxl" else comfy.latent_formats.SD15()
+    if not any(n.startswith(latent_format.taesd_decoder_name) for n in _fp.get_filename_list("vae_approx")):
+        return None
+    previewer = None
+
+    def preview(latents: Any) -> Any:
+        nonlocal previewer
+        if previewer is None:
+            previewer = latent_preview.get_previewer(latents.device, latent_format)
+        return previewer.decode_latent_to_preview_image("JPEG", latents.float())
+
+    return preview
+
+
+def _previewer(preview_fn: Callable[[Any], Any] | None, family: str | None) -> Callable[[Any], Any] | None:
+    """The preview to compute each step, following ComfyUI's preview method: none for "none" (and
+    outside ComfyUI), TAESD for "taesd" where ComfyUI has the decoder file, else `preview_fn` (the
+    pack's latent-to-RGB projection, what ComfyUI's "auto" and "latent2rgb" show)."""
+    method = preview_method()
+    if preview_fn is None or method == "none":
+        return None
+    if method == "taesd" and family is not None:
+        return _taesd_preview(family) or preview_fn
+    return preview_fn
+
+
+def step_hook(
+    total: int, preview_fn: Callable[[Any], Any] | None = None, family: str | None = None
+) -> Callable[[int, Any], None]:
+    """A per-step callback: checks for interruption, then advances a progress bar, with a latent
+    preview when ComfyUI's preview method asks for one (`family` picks the TAESD decoder).
+
+    Without previews the latents are never touched: a preview has to wait for the GPU and copy to
+    the host, which would stall every step, so nothing else in a step may do that."""
+    bar = progress_bar(total)
+    preview = _previewer(preview_fn, family)
+
+    if preview is None:
+
+        def on_step(step: int, latents: Any) -> None:
+            check_interrupted()
+            bar.update_absolute(step, total, None)
+
+    else:
+
+        def on_step(step: int, latents: Any) -> None:
+            check_interrupted()
+            bar.update_absolute(step, total, preview(latents))
 
     return on_step
 

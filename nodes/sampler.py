@@ -132,7 +132,7 @@ class Sampler:
         def preview(latents):
             return ("JPEG", Image.fromarray(latent_preview(latents, family).numpy()), 512)
 
-        images = run(handle, settings, comfy_host.step_hook(steps, preview), offload_after)
+        images = run(handle, settings, comfy_host.step_hook(steps, preview, family), offload_after)
         return (images,)
 
 

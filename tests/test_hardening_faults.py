@@ -234,8 +234,8 @@ def test_a_fault_while_sampling_leaves_the_pipeline_as_before(shared, reference,
         if point == "step-callback":
             real_hook = comfy_host.step_hook
 
-            def step_hook(total, preview_fn=None):
-                hook = real_hook(total, preview_fn)
+            def step_hook(total, *args, **kwargs):
+                hook = real_hook(total, *args, **kwargs)
 
                 def on_step(i, latents):
                     hook(i, latents)
