@@ -34,6 +34,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..converters import checkpoint_layout
 from ..converters.families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
 from ..converters.training_metadata import summarize
+from .attention_calls import skip_signature_lookups
 from .model_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -107,6 +108,22 @@ def same_device(a: torch.device, b: torch.device) -> bool:
         current = torch.cuda.current_device() if a.type == "cuda" else 0
         return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
     return a.index == b.index
+
+
+def vae_dtype(family: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The VAE's dtype: the model's, except SDXL in fp16 on a GPU with bf16, where it is bf16.
+
+    SDXL's VAE overflows in fp16, so diffusers upcasts it to fp32 for every decode; bf16 has fp32's
+    range at fp16's speed, which is ComfyUI's choice too (measured on an H200 at 1024x1024: 85 ms per
+    decode in bf16, 113 ms in fp32)."""
+    if (
+        family == "sdxl"
+        and dtype == torch.float16
+        and device.type == "cuda"
+        and torch.cuda.is_bf16_supported()
+    ):
+        return torch.bfloat16
+    return dtype
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -335,6 +352,9 @@ def load_base_model(
         loader = load_diffusers_folder if path.is_dir() else load_single_file
         pipe, family, pred, info = loader(path, torch_dtype, prediction)
         pipe.to(dev)
+        pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))
+        for model in (pipe.unet, pipe.vae):
+            skip_signature_lookups(model)
         base = BaseModel(pipe, family, str(path), torch_dtype, dev, pred, info)
         _cache[key] = base
         while len(_cache) > CACHE_SIZE:

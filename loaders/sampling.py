@@ -93,6 +93,38 @@ def encode_conditioning(pipe: DiffusionPipeline, s: SamplingSettings) -> dict:
     return kwargs
 
 
+def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE (float32 [batch, height, width, 3] in 0..1, on the CPU) of the UNet's latents.
+
+    As diffusers' SD and SDXL pipelines decode (the same operations in the same order, so images
+    equal theirs bit for bit), including SDXL's upcast of an fp16 VAE to fp32 (undone afterwards,
+    also after an error). A VAE in another dtype than the latents (SDXL's bf16 VAE beside an fp16
+    UNet on a GPU, see base_models.vae_dtype) gets the latents unscaled in float32, then cast."""
+    vae = pipe.vae
+    config = vae.config
+    upcast = (
+        isinstance(pipe, StableDiffusionXLPipeline) and vae.dtype == torch.float16 and config.force_upcast
+    )
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        if upcast or latents.dtype != vae.dtype:
+            latents = latents.to(torch.float32)
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if isinstance(pipe, StableDiffusionXLPipeline) and mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
+    image = pipe.image_processor.postprocess(image, output_type="pt", do_denormalize=[True] * image.shape[0])
+    return image.permute(0, 2, 3, 1).float().cpu().contiguous()
+
+
 def sample(
     pipe: DiffusionPipeline,
     s: SamplingSettings,
@@ -114,7 +146,7 @@ def sample(
     original_scheduler = pipe.scheduler
     pipe.scheduler = scheduler
     try:
-        out = pipe(
+        latents = pipe(
             **conditioning,
             **(extra or {}),
             num_inference_steps=s.steps,
@@ -124,11 +156,11 @@ def sample(
             num_images_per_prompt=s.batch_size,
             generator=torch.Generator("cpu").manual_seed(s.seed),
             callback_on_step_end=step_end,
-            output_type="pt",
-        )
+            output_type="latent",
+        ).images
     finally:
         pipe.scheduler = original_scheduler
-    return out.images.permute(0, 2, 3, 1).float().cpu().contiguous()
+    return decode_latents(pipe, latents)
 
 
 def run(
