@@ -85,7 +85,8 @@ VARIANTS = {
     "cudnn_benchmark": "torch.backends.cudnn.benchmark on: conv algorithms autotuned per shape",
     "keep_cache": "no soft_empty_cache (torch.cuda.empty_cache) before each run",
     "no_hook": "no step callback at all (no progress bar, interrupt check or preview)",
-    "lean_attention": "diffusers' Attention.forward without its per-call inspect.signature (host time)",
+    "diffusers_attention": "diffusers' own Attention.forward, with its per-call inspect.signature (the pack "
+    "skips that lookup since loaders/attention_calls.py)",
 }
 
 
@@ -219,8 +220,8 @@ class PackSide:
                 stack.enter_context(
                     _patched(comfy_host, "step_hook", lambda *a, **k: lambda step, latents: None)
                 )
-            elif v == "lean_attention":
-                stack.enter_context(_lean_attention())
+            elif v == "diffusers_attention":
+                stack.enter_context(_diffusers_attention(self.handle.base.pipe))
             yield
 
     def setup(self):
@@ -247,32 +248,19 @@ def _patched(obj, name, value):
 
 
 @contextlib.contextmanager
-def _lean_attention():
-    """diffusers' Attention.forward looks up its processor's signature (inspect.signature) on every
-    call, 140 times per SDXL UNet forward, to filter keyword arguments. Here: the same filtering with
-    the signature looked up once per processor class. Same arithmetic; only host time changes."""
-    import inspect
-
-    from diffusers.models.attention_processor import Attention
-
-    cache: dict = {}
-
-    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        if kwargs:
-            cls = type(self.processor)
-            if cls not in cache:
-                cache[cls] = set(inspect.signature(self.processor.__call__).parameters)
-            kwargs = {k: w for k, w in kwargs.items() if k in cache[cls]}
-        return self.processor(
-            self,
-            hidden_states,
-            encoder_hidden_states=encoder_hidden_states,
-            attention_mask=attention_mask,
-            **kwargs,
-        )
-
-    with _patched(Attention, "forward", forward):
+def _diffusers_attention(pipe):
+    """The pipeline's attention layers with diffusers' own forward back (what the pack replaced)."""
+    saved = [
+        (m, vars(m).pop("forward"))
+        for model in (pipe.unet, pipe.vae)
+        for m in model.modules()
+        if "forward" in vars(m)
+    ]
+    try:
         yield
+    finally:
+        for module, forward in saved:
+            module.forward = forward
 
 
 def timed(side, seed: int, steps: int, device: str) -> float:

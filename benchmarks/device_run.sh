@@ -72,17 +72,18 @@ COMFY=(--comfyui .device/comfyui --workdir "$WORKDIR" --out "$OUT")
 if [ $DRY = 1 ]; then
   stage gpu_check 900 $PY benchmarks/gpu_check.py --dry-run --full-size-device none
   stage bench_sdxl 1800 $PY benchmarks/bench_vs_comfyui.py "${COMFY[@]}" --device cpu --families sdxl \
-    --size 64 --steps 2 --reps 1 --variants base,keep_cache,no_hook,lean_attention --profile 1
+    --size 64 --steps 2 --reps 1 --variants base,keep_cache,no_hook,diffusers_attention --profile 1
   stage bench_sd15 900 $PY benchmarks/bench_vs_comfyui.py "${COMFY[@]}" --device cpu --families sd15 \
     --size 64 --steps 2 --reps 1 --variants base,no_hook
   stage bench_lora 900 $PY benchmarks/bench_lora.py --sizes sd15 --reps 1
 else
   stage gpu_check 120 $PY benchmarks/gpu_check.py
+  stage gpu_fp16 60 $PY benchmarks/gpu_check.py --full-size-only
   stage bench_sdxl 230 $PY benchmarks/bench_vs_comfyui.py "${COMFY[@]}" --device cuda --families sdxl \
     --reps 6 --time-limit 95 --profile 3 \
-    --variants base,flash,cudnn_attn,channels_last,cudnn_benchmark,keep_cache,no_hook,lean_attention
+    --variants ${SDXL_VARIANTS:-base,cudnn_attn,channels_last,cudnn_benchmark,keep_cache,no_hook,diffusers_attention}
   stage bench_sd15 100 $PY benchmarks/bench_vs_comfyui.py "${COMFY[@]}" --device cuda --families sd15 \
-    --reps 6 --time-limit 40 --variants base,flash,channels_last,keep_cache,no_hook,lean_attention
+    --reps 6 --time-limit 40 --variants base,channels_last,keep_cache,no_hook,diffusers_attention
   stage bench_lora 150 $PY benchmarks/bench_lora.py --device cuda
 fi
 echo "== done at $(elapsed) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
