@@ -7,7 +7,7 @@ import torch
 from lora_files import fresh_handle, lora_modules, write_kohya
 from safetensors.torch import save_file
 
-from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
+from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.loaders import lora_files
 from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle, materialized
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA

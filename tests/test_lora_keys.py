@@ -31,14 +31,14 @@ from lora_files import (
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 
+from comfyui_diffusers_adapters.converters.lora_algorithms import merged_weight, scale
+from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.converters.lora_keys import (
     check_family,
     detect_family,
     parse_lora,
     target_family,
 )
-from comfyui_diffusers_adapters.converters.lora_math import merged_weight
-from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
 from testlib import tiny_pipeline
 
 
@@ -266,7 +266,7 @@ def test_diffusers_save_format_with_alpha_pattern_matches_diffusers_scales(tmp_p
     }
     assert set(scalings) == set(lora.patches["unet"])
     for path, patch in lora.patches["unet"].items():
-        assert patch.scale == pytest.approx(scalings[path]), path
+        assert scale(patch) == pytest.approx(scalings[path]), path
     assert {p.alpha for p in lora.patches["unet"].values()} == {8.0, 2.0, 3.0}
     assert lora.patches["unet"]["down_blocks.0.attentions.0.proj_in"].rank == 2
 
@@ -305,7 +305,7 @@ def test_peft_model_files_with_base_model_prefix_and_no_prefix(tmp_path):
     lora = parse_lora(te_sd, targets)
     assert lora.unmatched == () and set(lora.patches) == {"text_encoder"}
     assert lora.layer_count("text_encoder") == 2 * len(pipe.text_encoder.encoder.layers)
-    assert all(p.alpha is None and p.scale == 1.0 for p in lora.patches["text_encoder"].values())
+    assert all(p.alpha is None and scale(p) == 1.0 for p in lora.patches["text_encoder"].values())
 
     # diffusers' model-level save: unprefixed keys, unprefixed LoraConfig metadata
     plain = _peft_unet("sd1", LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=["to_v"]))
@@ -314,7 +314,7 @@ def test_peft_model_files_with_base_model_prefix_and_no_prefix(tmp_path):
     assert next(iter(sd)).startswith("down_blocks.")
     lora = parse_lora(sd, targets, metadata)
     assert lora.unmatched == ()
-    assert all(p.scale == pytest.approx(2 / math.sqrt(4)) for p in lora.patches["unet"].values())  # rsLoRA
+    assert all(scale(p) == pytest.approx(2 / math.sqrt(4)) for p in lora.patches["unet"].values())  # rsLoRA
 
 
 @pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape")  # peft on 1-D lora_B.bias
@@ -347,7 +347,7 @@ def test_alpha_keys_beside_peft_names():
         f"unet.{path}.alpha": torch.tensor(1.0),
     }
     lora = parse_lora(sd, pipeline_targets(pipe))
-    assert lora.patches["unet"][path].scale == 0.25
+    assert scale(lora.patches["unet"][path]) == 0.25
 
 
 def test_old_diffusers_names_from_diffusers_converter_and_by_hand():
@@ -465,7 +465,7 @@ def test_lycoris_dora_norm_and_in_axis(tmp_path):
 # ---------------------------------------------------------------- DoRA axis: PEFT vs LyCORIS
 def test_dora_axis_peft_magnitude_is_lycoris_default_axis():
     """PEFT's lora_magnitude_vector ([out], conv [1, out, 1, 1]) is the norm of each output row,
-    LyCORIS's default dora_scale [out, 1]: both dora_axis 1; PEFT's merge equals lora_math's."""
+    LyCORIS's default dora_scale [out, 1]: both dora_axis 1; PEFT's merge equals lora_algorithms'."""
     config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["to_q", "conv1"])
     unet = _peft_unet("sd1", config)
     sd = get_peft_model_state_dict(unet)
@@ -566,7 +566,9 @@ def test_unsupported_and_incomplete_layers_raise():
     pipe = tiny_pipeline("sd1")
     targets = pipeline_targets(pipe)
     stem = "lora_unet_mid_block_attentions_0_proj_in"
-    with pytest.raises(LoraFormatError, match="OFT"):
-        parse_lora({f"{stem}.oft_blocks": torch.zeros(4, 8, 8)}, targets)
+    # what is still unsupported is refused by name (OFT, BOFT and GLoRA are applied now)
+    for suffix, name in ((".on_input", "IA"), (".lambda_layer", "T-LoRA"), (".lokr_t1", "Tucker w1")):
+        with pytest.raises(LoraFormatError, match=rf"{name}.*which the pack cannot apply.*OFT, BOFT, GLoRA"):
+            parse_lora({f"{stem}{suffix}": torch.zeros(4, 8, 8)}, targets)
     with pytest.raises(LoraFormatError, match="incomplete lora"):
         parse_lora({f"{stem}.lora_up.weight": torch.zeros(64, 4, 1, 1)}, targets)

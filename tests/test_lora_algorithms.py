@@ -1,4 +1,4 @@
-"""converters/lora_math against an independent reference: lycoris-lora 4.1.3's own modules.
+"""converters/lora_algorithms against an independent reference: lycoris-lora 4.1.3's own modules.
 
 Each case wraps a small layer in a LyCORIS module (LoCon, LoHa, LoKr, full, norm, DoRA), fills every
 parameter with random values, reads the module's state dict under its real key names, turns it into a
@@ -15,15 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_diffusers_adapters.converters.lora_math import (
+from comfyui_diffusers_adapters.converters.lora_algorithms import (
     bias_delta,
-    full_delta,
-    lokr_delta,
-    lora_delta,
     merged_weight,
+    scale,
     weight_delta,
 )
-from comfyui_diffusers_adapters.converters.lora_patch import LayerPatch, LoraFormatError
+from comfyui_diffusers_adapters.converters.lora_form import LayerPatch, LoraFormatError
 
 MULTIPLIERS = (1.0, 0.5, -0.7)
 
@@ -183,7 +181,7 @@ LORA_KEYS = {"lora_up.weight", "lora_down.weight", "alpha"}
 @pytest.mark.parametrize("alpha", [4, 1.5, 8])
 def test_locon(kind, alpha):
     patch = assert_matches_lycoris("lora", kind, lora_dim=4, alpha=alpha, expect=LORA_KEYS)
-    assert patch.scale == pytest.approx(alpha / 4)
+    assert scale(patch) == pytest.approx(alpha / 4)
 
 
 def test_locon_tucker():
@@ -210,7 +208,7 @@ def test_alpha_zero_means_rank():
     assert lycoris.LoConModule("t", make_layer("linear"), lora_dim=4, alpha=0).scale == 1.0
     up, down = torch.randn(24, 4), torch.randn(4, 16)
     for alpha in (0, None, 4):
-        delta = lora_delta(LayerPatch("lora", {"up": up, "down": down}, alpha=alpha, rank=4), (24, 16))
+        delta = weight_delta(LayerPatch("lora", {"up": up, "down": down}, alpha=alpha, rank=4), (24, 16))
         torch.testing.assert_close(delta, up @ down)
 
 
@@ -292,7 +290,8 @@ def test_lokr_full_matrix_ignores_alpha():
         )
     module.apply_to()
     patch = LayerPatch("lokr", {"w1": w1, "w2": w2}, alpha=7.0, rank=None)
-    torch.testing.assert_close(lokr_delta(patch, (24, 16)), torch.kron(w1, w2))
+    torch.testing.assert_close(weight_delta(patch, (24, 16)), torch.kron(w1, w2))
+    assert scale(patch) == 1.0  # one definition of the scale: a full-matrix LoKr ignores alpha
     x = make_input("linear")
     with torch.no_grad():
         torch.testing.assert_close(patched_copy(base, patch, 1.0)(x), wrapped(x), rtol=1e-5, atol=1e-5)
@@ -311,7 +310,7 @@ def test_full_without_bias():
     diff = torch.randn(24, 16)
     patch = LayerPatch("full", {"diff": diff})
     assert bias_delta(patch) is None
-    torch.testing.assert_close(full_delta(patch, (24, 16)), diff)
+    torch.testing.assert_close(weight_delta(patch, (24, 16)), diff)
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "groupnorm"])
@@ -470,7 +469,7 @@ def test_2d_lora_on_1x1_conv_and_4d_on_linear():
         ),
         (LayerPatch("full", {"diff": torch.randn(24, 15)}), (24, 16), "layer's weight"),
         (LayerPatch("norm", {"w_norm": torch.randn(12)}), (16,), "layer's weight"),
-        (LayerPatch("oft", {"x": torch.randn(1)}), (24, 16), "unknown LoRA algorithm"),
+        (LayerPatch("ia3", {"x": torch.randn(1)}), (24, 16), "unknown LoRA algorithm"),
     ],
 )
 def test_shape_errors(patch, shape, match):
