@@ -18,6 +18,7 @@ from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
     _maybe_map_sgm_blocks_to_diffusers,
 )
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_state_dict_to_diffusers
 from lora_files import (
     full_size,
@@ -34,6 +35,7 @@ from safetensors import safe_open
 from comfyui_diffusers_adapters.converters.lora_algorithms import merged_weight, scale
 from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.converters.lora_keys import (
+    _sgm_names,
     check_family,
     detect_family,
     parse_lora,
@@ -169,6 +171,41 @@ def test_sgm_mapping_agrees_with_diffusers_own_converter():
     assert set(theirs.patches["unet"]) == set(ours.patches["unet"])
     for path, patch in ours.patches["unet"].items():
         assert theirs.patches["unet"][path].tensors["down"] is patch.tensors["down"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_sgm_names_are_the_checkpoint_names(family):
+    """The SGM names lora_keys derives from the module paths are the original checkpoints' names:
+    diffusers' single-file converter (convert_ldm_unet_checkpoint, separate code) takes a checkpoint
+    written under them back to every parameter of the full-size UNet."""
+    unet = full_size(family)["unet"]
+    names = _sgm_names(list(module_targets(unet)))
+    by_path = {path: name for name, path in names.items()}
+    params = dict(unet.named_parameters())
+    checkpoint = {}
+    for key, tensor in params.items():
+        path, _, leaf = key.rpartition(".")
+        checkpoint[f"model.diffusion_model.{by_path[path]}.{leaf}"] = tensor
+    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert set(converted) == set(params)
+    assert all(converted[k] is params[k] for k in params)
+
+
+def test_unexpected_unet_layout_is_an_error_not_unmatched_keys():
+    """SGM names number the UNet's blocks from its layout; a layout they cannot describe (here a down
+    level without its first resnet) is a clear error, not a file whose keys all match nothing."""
+    models = full_size("sdxl")
+    targets = _targets(models)
+    sd = kohya_lora(models["unet"], "lora_unet_", sdxl_sgm_name, only=lambda p: p.endswith("attn2.to_k"))
+    broken = dict(targets)
+    broken["unet"] = {
+        p: s for p, s in targets["unet"].items() if not p.startswith("down_blocks.1.resnets.0.")
+    }
+    with pytest.raises(LoraFormatError, match=r"block layout.*down_blocks\.1 has resnets \[1\]"):
+        parse_lora(sd, broken)
+    # a UNet layout without blocks has no SGM names: its keys are unmatched, nothing to complain about
+    flat = {"unet": {"conv_in": targets["unet"]["conv_in"]}}
+    assert len(parse_lora(sd, flat).unmatched) == len(sd)
 
 
 def test_thelastben_sdxl_layout():
@@ -423,6 +460,9 @@ def _lycoris(tmp_path, algo, **kwargs):
         ("lokr", {"factor": 4}, {"w1", "w2a", "w2b"}),
         ("lokr", {"factor": 4, "full_matrix": True}, {"w1", "w2"}),
         ("full", {}, {"diff", "diff_b"}),
+        ("diag-oft", {"rescaled": True, "constraint": 1e-3}, {"blocks", "rescale"}),
+        ("boft", {}, {"blocks"}),
+        ("glora", {}, {"a1", "a2", "b1", "b2"}),
     ],
 )
 def test_lycoris_files(tmp_path, algo, kwargs, tensors):
@@ -433,13 +473,15 @@ def test_lycoris_files(tmp_path, algo, kwargs, tensors):
     assert lora.unmatched == ()
     assert lora.format == "kohya"
     assert sum(lora.layer_count(p) for p in lora.patches) == len({k.split(".")[0] for k in sd})
-    name_of = {"locon": "lora"}
+    name_of = {"locon": "lora", "diag-oft": "oft"}
     seen = set()
     for part, patches in lora.patches.items():
         for path, patch in patches.items():
             assert patch.algorithm == name_of.get(algo, algo)
             seen |= set(patch.tensors)
             assert set(patch.tensors) <= tensors | {"up", "down", "w1", "w2", "w2a", "w2b", "w1a", "w1b"}
+            if algo == "diag-oft":  # the constraint is kept as the alpha
+                assert patch.alpha == pytest.approx(1e-3)
             if algo == "locon":  # LyCORIS: k x k convs use conv_alpha 1, linear (and 1x1) layers alpha 2
                 shape = pipeline_targets(pipe)[part][path]
                 assert patch.alpha == (1.0 if shape[2:] not in ((), (1, 1)) else 2.0)
