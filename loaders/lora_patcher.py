@@ -16,7 +16,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..converters.lora_algorithms import bias_delta, merge
+from ..converters.lora_algorithms import bias_delta, merge_layer
 from ..converters.lora_form import LoraFile
 from .base_models import BaseModel
 from .pipeline_handle import KeyedSpec
@@ -177,7 +177,7 @@ def _merged(
     """original + each patch at its strength, computed in float32, in the weight's dtype on `device`;
     written into `out` when given (which may be `original`'s own memory: it is read first). The
     arithmetic is converters/lora_algorithms/merge.py; this name is where tests inject faults."""
-    return merge(original.to(device), patches, out)
+    return merge_layer(original.to(device), patches, out)
 
 
 class LoraKind:

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_diffusers_adapters.converters.lora_algorithms import merge, merged_weight, weight_delta
+from comfyui_diffusers_adapters.converters.lora_algorithms import merge_layer as merge
+from comfyui_diffusers_adapters.converters.lora_algorithms import merged_weight, weight_delta
 from comfyui_diffusers_adapters.converters.lora_form import LayerPatch, LoraFormatError
 
 lycoris = pytest.importorskip("lycoris")

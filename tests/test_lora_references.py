@@ -414,3 +414,28 @@ def test_lycoris_rs_lora_full_matrix_lokr_layers(models_root, tmp_path, monkeypa
     with materialized(load(fresh_handle("sd1"), name, 1.0)) as pipe:
         errors = output_errors(outputs(pipe, x), outputs(reference, x))
     assert max(errors.values()) <= OUTPUT_RTOL, errors
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["loha", "lokr-tucker", "locon-tucker", "loha-dora", "diag-oft-rescaled-constrained", "boft", "glora"],
+)
+def test_lycoris_strength_changes_give_the_bits_of_a_fresh_apply(models_root, tmp_path, case):
+    """Every algorithm's merge is deterministic: a strength change rewritten in place, and a second
+    LyCORIS file stacked on it, give the bits of the same LoRAs applied to an untouched pipeline; removal
+    gives the original (what the patcher's exact rollback rests on)."""
+    name, _, _ = write_lycoris(models_root, tmp_path, "sd1", case)
+    other, _, _ = write_lycoris(models_root, tmp_path, "sd1", "lokr", name="other.safetensors")
+    handle = fresh_handle("sd1")
+    before = snapshot(handle.base.pipe)
+    for strength, second in ((1.0, 0.0), (0.3, 0.0), (-0.5, 0.7), (0.3, 0.7)):
+        target = load(handle, name, strength)
+        if second:
+            target = LoadLoRA().load(target, other, second, second, "unet and text encoders", "")["result"][0]
+        with materialized(target) as pipe:
+            changed = snapshot(pipe)
+        with materialized(PipelineHandle(fresh_handle("sd1").base, target.adapters)) as pipe:
+            want = snapshot(pipe)
+        for part, state in want.items():
+            assert all(torch.equal(changed[part][k], v) for k, v in state.items()), (case, strength, part)
+    assert_removed_exactly(handle, target, before)

@@ -18,7 +18,7 @@ against LyCORIS's own modules. To add an algorithm: a module here, its tests, an
 
 from .base import Algorithm, Step, low_rank_scale
 from .lora import ALGORITHM as _LORA
-from .merge import merge, plain_lora_merge
+from .merge import merge_layer, plain_lora_merge
 from .registry import (
     ALGORITHMS,
     UNSUPPORTED,
@@ -47,7 +47,7 @@ __all__ = [
     "bias_delta",
     "label",
     "low_rank_scale",
-    "merge",
+    "merge_layer",
     "merged_weight",
     "plain_lora_factors",
     "plain_lora_merge",

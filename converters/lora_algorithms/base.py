@@ -72,6 +72,12 @@ class Step:
         """Rows start:stop of the running weight (acc, float32 [stop - start, in·k·k]) -> patched rows."""
         raise NotImplementedError
 
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        """The first step of a merge: acc (other memory than src) = src's rows patched. Steps that can
+        read src and write acc in one operation override this; it saves a pass over the block."""
+        acc.copy_(src)
+        self.rows(acc, start, stop)
+
 
 class Algorithm:
     """One LoRA-family algorithm: how its tensors are named, checked, scaled, merged and exported."""

@@ -87,6 +87,13 @@ class DoraStep(Step):
 
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
         self.inner.rows(acc, start, stop)
+        self._decompose(acc, start, stop)
+
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        self.inner.first(src, acc, start, stop)
+        self._decompose(acc, start, stop)
+
+    def _decompose(self, acc: torch.Tensor, start: int, stop: int) -> None:
         if self.axis == 1:
             norm = acc.norm(dim=1, keepdim=True).add_(EPS)
             scale = self.scale[start:stop].to(acc.device) / norm

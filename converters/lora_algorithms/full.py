@@ -17,6 +17,11 @@ class _AddRows(Step):
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
         acc.add_(self.delta[start:stop], alpha=self.strength)
 
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        if torch.float32 not in (src.dtype, self.delta.dtype):  # the sum must be taken in float32
+            return super().first(src, acc, start, stop)
+        torch.add(src, self.delta[start:stop], alpha=self.strength, out=acc)
+
 
 class Full(Algorithm):
     name = "full"

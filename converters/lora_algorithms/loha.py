@@ -24,14 +24,20 @@ class _AddHadamard(Step):
         self.p1, self.q1, self.p2, self.q2, self.alpha = p1, q1, p2, q2, alpha
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+    def _products(self, acc: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         n = stop - start
         if self._buffers is None or self._buffers[0].shape[0] < n:
             self._buffers = (torch.empty_like(acc), torch.empty_like(acc))
         first, second = self._buffers[0][:n], self._buffers[1][:n]
         torch.mm(self.p1[start:stop], self.q1, out=first)
         torch.mm(self.p2[start:stop], self.q2, out=second)
-        acc.addcmul_(first, second, value=self.alpha)
+        return first, second
+
+    def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        acc.addcmul_(*self._products(acc, start, stop), value=self.alpha)
+
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        torch.addcmul(src, *self._products(acc, start, stop), value=self.alpha, out=acc)
 
 
 def _half(t: Tensors, n: str, device) -> tuple[torch.Tensor, torch.Tensor]:

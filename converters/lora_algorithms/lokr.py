@@ -25,12 +25,18 @@ class _AddKron(Step):
         self.w1, self.w2, self.alpha = w1, w2, alpha  # w1 [a, c], w2 [b, d·k·k]
         self.group = w2.shape[0]
 
-    def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+    def _factors(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
         (b, dk), c = self.w2.shape, self.w1.shape[1]
         w1 = self.w1[start // b : stop // b]
-        acc.view(w1.shape[0], b, c, dk).addcmul_(
-            w1[:, None, :, None], self.w2[None, :, None, :], value=self.alpha
-        )
+        return w1[:, None, :, None], self.w2[None, :, None, :], (w1.shape[0], b, c, dk)
+
+    def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
+        w1, w2, view = self._factors(start, stop)
+        acc.view(view).addcmul_(w1, w2, value=self.alpha)
+
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        w1, w2, view = self._factors(start, stop)
+        torch.addcmul(src.reshape(view), w1, w2, value=self.alpha, out=acc.view(view))
 
 
 class LoKr(Algorithm):

@@ -26,6 +26,11 @@ class _AddProduct(Step):
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
         acc.addmm_(self.up[start:stop], self.down, alpha=self.alpha)
 
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        if src.dtype != acc.dtype:
+            return super().first(src, acc, start, stop)
+        torch.addmm(src, self.up[start:stop], self.down, alpha=self.alpha, out=acc)
+
 
 class LoRA(Algorithm):
     name = "lora"

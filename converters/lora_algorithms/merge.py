@@ -24,7 +24,7 @@ from .registry import step
 _BLOCK_ELEMENTS = 1 << 18  # float32 values per block of rows on a CPU: 1 MiB, stays in the cache
 
 
-def merge(
+def merge_layer(
     original: torch.Tensor, patches: Sequence[tuple[LayerPatch, float]], out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """original + each (patch, strength) in order, in original's dtype and device; written into `out`
@@ -37,6 +37,8 @@ def merge(
             return plain_lora_merge(original, factors, out)
     steps = [step(p, shape, s, device) for p, s in patches]
     result = torch.empty_like(original) if out is None else out
+    if not steps:
+        return result.copy_(original)
     rows, width = shape[0], fan_in(shape)
     src = original.reshape(rows, width)
     dst = result.view(rows, width)
@@ -49,8 +51,11 @@ def merge(
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         acc = dst[start:stop] if direct else buffer[: stop - start]
-        acc.copy_(src[start:stop])
-        for s in steps:
+        if acc.data_ptr() == src.data_ptr() + start * width * src.element_size():  # written in place
+            steps[0].rows(acc, start, stop)
+        else:
+            steps[0].first(src[start:stop], acc, start, stop)
+        for s in steps[1:]:
             s.rows(acc, start, stop)
         if not direct:
             dst[start:stop] = acc
