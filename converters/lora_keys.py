@@ -156,31 +156,7 @@ def parse_lora(
     metadata = dict(metadata or {})
     tables = _Tables.build(targets)
     peft_configs = _peft_configs(metadata)
-    groups: dict[str, _Group] = {}
-    embeddings: dict[str, dict[str, torch.Tensor]] = {}
-    unmatched: list[str] = []
-
-    for key, tensor in state_dict.items():
-        if key.startswith("bundle_emb."):
-            _, token, vector = (key.split(".", 2) + [""])[:3]
-            if token and vector:
-                vector = "string_to_param" if vector.startswith("string_to_param") else vector
-                embeddings.setdefault(token, {})[vector] = tensor
-                continue
-        suffix = next((s for s in _SUFFIX_ORDER if key.endswith(s)), None)
-        if suffix is None:
-            bad = next((s for s in UNSUPPORTED if key.endswith(s)), None)
-            if bad is not None:
-                group = groups.setdefault(key[: -len(bad)], _Group())
-                group.unsupported.add(UNSUPPORTED[bad])
-                group.keys.append(key)
-            else:
-                unmatched.append(key)
-            continue
-        convention, algorithms, name = _SUFFIXES[suffix]
-        group = groups.setdefault(key[: -len(suffix)], _Group())
-        group.add(key, name, tensor, convention, algorithms)
-
+    groups, embeddings, unmatched = _grouped(state_dict)
     patches: dict[str, dict[str, LayerPatch]] = {}
     formats: set[str] = set()
     shape_errors: list[str] = []
@@ -189,51 +165,15 @@ def parse_lora(
     # diffusers-named layer, as diffusers does; the other layer's keys are listed as unmatched.
     resolved.sort(key=lambda item: item[3] == "kohya-sgm")
     for stem, group, candidates, naming in resolved:
-        if not candidates:
+        found = _layer(stem, group, candidates, targets, peft_configs) if candidates else None
+        if isinstance(found, str):
+            shape_errors.append(found)
+            continue
+        if found is None or found[1] in patches.get(found[0], {}):
             unmatched.extend(group.keys)
             continue
-        if group.unsupported:
-            raise LoraFormatError(
-                f"{stem}: this file uses LyCORIS {', '.join(sorted(group.unsupported))}, which the pack "
-                f"cannot apply (supported: {supported_names()})."
-            )
-        algo = group.algorithm(stem)
-        if algo is None:  # only an alpha, a dora_scale...: nothing to apply
-            unmatched.extend(group.keys)
-            continue
-        _check_complete(stem, algo, group)
-        _check_values(group)
-        if "dora_scale" in group.tensors or "magnitude" in group.tensors:
-            if not algo.dora:
-                raise LoraFormatError(
-                    f"{group.weight_key()}: DoRA on a {algo.title} layer has no definition."
-                )
-        chosen = None
-        for part, path in candidates:
-            shape = tuple(targets[part][path])
-            if _fits(algo, group.tensors, shape):
-                chosen = part, path, shape
-                break
-        if chosen is None:
-            part, path = candidates[0]
-            shape_errors.append(
-                f"{group.weight_key()} has shape(s) {group.shapes()}, which cannot patch {part} module "
-                f"{path!r} of weight shape {tuple(targets[part][path])}"
-            )
-            continue
-        part, path, shape = chosen
-        if path in patches.get(part, {}):
-            unmatched.extend(group.keys)
-            continue
-        tensors = _normalized(algo, group, shape)
-        alpha = _alpha(group, part, stem, path, algo, tensors, peft_configs)
-        patches.setdefault(part, {})[path] = LayerPatch(
-            algorithm=algo.name,
-            tensors=tensors,
-            alpha=alpha,
-            rank=algo.rank(tensors),
-            dora_axis=dora_modifier.axis(group.tensors["dora_scale"]) if "dora_scale" in group.tensors else 1,
-        )
+        part, path, patch = found
+        patches.setdefault(part, {})[path] = patch
         formats.add(naming)
 
     family = detect_family(state_dict)
@@ -251,6 +191,76 @@ def parse_lora(
         unmatched=tuple(unmatched),
         metadata=metadata,
         embeddings=embeddings,
+    )
+
+
+def _grouped(
+    state_dict: StateDict,
+) -> tuple[dict[str, _Group], dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The file's keys by layer (the key minus its suffix), its bundled embeddings, the other keys."""
+    groups: dict[str, _Group] = {}
+    embeddings: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    for key, tensor in state_dict.items():
+        if key.startswith("bundle_emb."):
+            _, token, vector = (key.split(".", 2) + [""])[:3]
+            if token and vector:
+                vector = "string_to_param" if vector.startswith("string_to_param") else vector
+                embeddings.setdefault(token, {})[vector] = tensor
+                continue
+        suffix = next((s for s in _SUFFIX_ORDER if key.endswith(s)), None)
+        if suffix is not None:
+            convention, algorithms, name = _SUFFIXES[suffix]
+            groups.setdefault(key[: -len(suffix)], _Group()).add(key, name, tensor, convention, algorithms)
+            continue
+        bad = next((s for s in UNSUPPORTED if key.endswith(s)), None)
+        if bad is None:
+            unmatched.append(key)
+            continue
+        group = groups.setdefault(key[: -len(bad)], _Group())
+        group.unsupported.add(UNSUPPORTED[bad])
+        group.keys.append(key)
+    return groups, embeddings, unmatched
+
+
+def _layer(
+    stem: str, group: _Group, candidates: list[tuple[str, str]], targets: Targets, peft_configs: Mapping
+) -> tuple[str, str, LayerPatch] | str | None:
+    """One layer of the file: (part, module path, patch); a message when its shapes fit no candidate
+    module; None when it holds nothing to apply. Unsupported, mixed or broken layers raise."""
+    if group.unsupported:
+        raise LoraFormatError(
+            f"{stem}: this file uses LyCORIS {', '.join(sorted(group.unsupported))}, which the pack "
+            f"cannot apply (supported: {supported_names()})."
+        )
+    algo = group.algorithm(stem)
+    if algo is None:  # only an alpha, a dora_scale...: nothing to apply
+        return None
+    _check_complete(stem, algo, group)
+    _check_values(group)
+    if not algo.dora and ("dora_scale" in group.tensors or "magnitude" in group.tensors):
+        raise LoraFormatError(f"{group.weight_key()}: DoRA on a {algo.title} layer has no definition.")
+    fitting = [(p, path) for p, path in candidates if _fits(algo, group.tensors, tuple(targets[p][path]))]
+    if not fitting:
+        part, path = candidates[0]
+        return (
+            f"{group.weight_key()} has shape(s) {group.shapes()}, which cannot patch {part} module "
+            f"{path!r} of weight shape {tuple(targets[part][path])}"
+        )
+    part, path = fitting[0]
+    shape = tuple(targets[part][path])
+    tensors = _normalized(algo, group, shape)
+    scale = group.tensors.get("dora_scale")
+    return (
+        part,
+        path,
+        LayerPatch(
+            algorithm=algo.name,
+            tensors=tensors,
+            alpha=_alpha(group, part, stem, path, algo, tensors, peft_configs),
+            rank=algo.rank(tensors),
+            dora_axis=dora_modifier.axis(scale) if scale is not None else 1,
+        ),
     )
 
 
@@ -492,90 +502,94 @@ def _text_aliases(path: str) -> Iterable[str]:
 def _sgm_names(paths: list[str]) -> dict[str, str]:
     """SGM name -> diffusers path for the UNet's modules (see `_SGM_TOP`). A block layout these names
     cannot describe raises `LoraFormatError` rather than leaving Kohya SDXL keys silently unmatched."""
+    entries, samplers = _sgm_entries(paths)
+    mid_attention = any(p.startswith("mid_block.attentions.") for p in paths)
+    names: dict[str, str] = {}
+    for path in paths:
+        block, mid = _UNET_BLOCK.match(path), _MID_BLOCK.match(path)
+        if path in _SGM_TOP:
+            names[_SGM_TOP[path]] = path
+        elif block:
+            kind, level, child, index, rest = block.groups()
+            if child in ("downsamplers", "upsamplers"):
+                if rest != "conv":
+                    raise _sgm_layout_error(f"{path} is not a sampler's conv")
+                names[samplers[(kind, int(level))]] = path
+            else:
+                sgm_block, first = entries[(kind, int(level))]
+                entry = f"{sgm_block}.{first + int(index)}"
+                if child == "attentions":
+                    names[f"{entry}.1" + (f".{rest}" if rest else "")] = path
+                else:
+                    names[f"{entry}.0" + _resnet_layer(path, rest)] = path
+        elif mid:
+            child, index, rest = mid.groups()
+            if child == "attentions":
+                names["middle_block.1" + (f".{rest}" if rest else "")] = path
+            else:
+                position = 2 * int(index) if mid_attention else int(index)
+                names[f"middle_block.{position}" + _resnet_layer(path, rest)] = path
+    return names
+
+
+def _sgm_entries(
+    paths: list[str],
+) -> tuple[dict[tuple[str, int], tuple[str, int]], dict[tuple[str, int], str]]:
+    """Per down/up level: (input_blocks or output_blocks, the number of its first entry), and its
+    sampler's SGM name. input_blocks.0 is conv_in; a level has one entry per resnet, and its
+    downsampler one more."""
     levels: dict[tuple[str, int], dict[str, set[int]]] = {}
     for path in paths:
         m = _UNET_BLOCK.match(path)
         if m:
-            kind, level, child, index = m.group(1), int(m.group(2)), m.group(3), int(m.group(4))
-            levels.setdefault((kind, level), {}).setdefault(child, set()).add(index)
-
-    def fail(why: str) -> LoraFormatError:
-        return LoraFormatError(
-            "The pipeline's UNet has a block layout that SGM names (Kohya SDXL files) cannot "
-            f"describe: {why}."
-        )
-
-    base: dict[tuple[str, int], int] = {}
+            levels.setdefault((m.group(1), int(m.group(2))), {}).setdefault(m.group(3), set()).add(
+                int(m.group(4))
+            )
+    entries: dict[tuple[str, int], tuple[str, int]] = {}
     samplers: dict[tuple[str, int], str] = {}
-    for kind, block, first in (("down_blocks", "input_blocks", 1), ("up_blocks", "output_blocks", 0)):
-        count = sum(1 for k in levels if k[0] == kind)
-        n = first
-        for level in range(count):
-            children = levels.get((kind, level))
-            if children is None:
-                raise fail(f"{kind}.{level} is missing")
-            resnets = children.get("resnets", set())
-            if resnets != set(range(len(resnets))) or not resnets:
-                raise fail(f"{kind}.{level} has resnets {sorted(resnets)}")
-            attentions = children.get("attentions", set())
-            if attentions and attentions != resnets:
-                raise fail(
-                    f"{kind}.{level} has attentions {sorted(attentions)} beside resnets {sorted(resnets)}"
-                )
-            sampler = children.get("downsamplers" if kind == "down_blocks" else "upsamplers", set())
-            if sampler - {0}:
-                raise fail(f"{kind}.{level} has samplers {sorted(sampler)}")
-            base[(kind, level)] = n
-            n += len(resnets)
+    for kind, block, n in (("down_blocks", "input_blocks", 1), ("up_blocks", "output_blocks", 0)):
+        for level in range(sum(1 for k in levels if k[0] == kind)):
+            resnets, attentions, sampler = _sgm_level(levels.get((kind, level)), f"{kind}.{level}")
+            entries[(kind, level)] = (block, n)
+            n += resnets
             if sampler and kind == "down_blocks":
                 samplers[(kind, level)] = f"{block}.{n}.0.op"
                 n += 1
             elif sampler:
                 samplers[(kind, level)] = f"{block}.{n - 1}.{2 if attentions else 1}.conv"
-    mid_attention = any(p.startswith("mid_block.attentions.") for p in paths)
-
-    names: dict[str, str] = {}
-    for path in paths:
-        if path in _SGM_TOP:
-            names[_SGM_TOP[path]] = path
-            continue
-        m = _UNET_BLOCK.match(path)
-        if m:
-            kind, level, child, index, rest = (
-                m.group(1),
-                int(m.group(2)),
-                m.group(3),
-                int(m.group(4)),
-                m.group(5),
-            )
-            block = "input_blocks" if kind == "down_blocks" else "output_blocks"
-            if child in ("downsamplers", "upsamplers"):
-                if rest != "conv":
-                    raise fail(f"{path} is not a sampler's conv")
-                names[samplers[(kind, level)]] = path
-                continue
-            entry = f"{block}.{base[(kind, level)] + index}"
-            if child == "attentions":
-                names[f"{entry}.1" + (f".{rest}" if rest else "")] = path
-            else:
-                names[f"{entry}.0" + _resnet_layer(path, rest, fail)] = path
-            continue
-        m = _MID_BLOCK.match(path)
-        if m:
-            child, index, rest = m.group(1), int(m.group(2)), m.group(3)
-            if child == "attentions":
-                names["middle_block.1" + (f".{rest}" if rest else "")] = path
-            else:
-                position = 2 * index if mid_attention else index
-                names[f"middle_block.{position}" + _resnet_layer(path, rest, fail)] = path
-    return names
+    return entries, samplers
 
 
-def _resnet_layer(path: str, rest: str | None, fail) -> str:
+def _sgm_level(children: dict[str, set[int]] | None, name: str) -> tuple[int, bool, bool]:
+    """(resnets, has attentions, has a sampler) of one level, checked: resnets 0..n-1, attentions none
+    or beside every resnet, at most sampler 0."""
+    if children is None:
+        raise _sgm_layout_error(f"{name} is missing")
+    resnets = children.get("resnets", set())
+    if not resnets or resnets != set(range(len(resnets))):
+        raise _sgm_layout_error(f"{name} has resnets {sorted(resnets)}")
+    attentions = children.get("attentions", set())
+    if attentions and attentions != resnets:
+        raise _sgm_layout_error(
+            f"{name} has attentions {sorted(attentions)} beside resnets {sorted(resnets)}"
+        )
+    sampler = children.get("downsamplers", set()) | children.get("upsamplers", set())
+    if sampler - {0}:
+        raise _sgm_layout_error(f"{name} has samplers {sorted(sampler)}")
+    return len(resnets), bool(attentions), bool(sampler)
+
+
+def _sgm_layout_error(why: str) -> LoraFormatError:
+    return LoraFormatError(
+        f"The pipeline's UNet has a block layout that SGM names (Kohya SDXL files) cannot describe: {why}."
+    )
+
+
+def _resnet_layer(path: str, rest: str | None) -> str:
     if rest is None:
         return ""
     if rest not in _SGM_RESNET:
-        raise fail(f"{path} is not a resnet layer SGM names")
+        raise _sgm_layout_error(f"{path} is not a resnet layer SGM names")
     return "." + _SGM_RESNET[rest]
 
 
@@ -690,14 +704,6 @@ def _json_field(name: str, raw) -> object:
     def refuse(why: str) -> LoraFormatError:
         return LoraFormatError(f"Unreadable {name} in the file header: {why}.")
 
-    if not isinstance(raw, str):
-        try:
-            raw = json.dumps(raw)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise refuse(f"not JSON data ({type(e).__name__})") from None
-    if len(raw) > _METADATA_MAX_CHARS:
-        raise refuse(f"{len(raw)} characters, more than the {_METADATA_MAX_CHARS} allowed")
-
     def integer(text: str) -> int:
         if len(text.lstrip("-")) > _METADATA_MAX_DIGITS:
             raise refuse(f"an integer of {len(text)} digits")
@@ -706,21 +712,35 @@ def _json_field(name: str, raw) -> object:
     def constant(text: str):
         raise refuse(f"{text} is not a number")
 
+    if not isinstance(raw, str):
+        try:
+            raw = json.dumps(raw)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise refuse(f"not JSON data ({type(e).__name__})") from None
+    if len(raw) > _METADATA_MAX_CHARS:
+        raise refuse(f"{len(raw)} characters, more than the {_METADATA_MAX_CHARS} allowed")
+    too_deep = refuse(f"nested more than {_METADATA_MAX_DEPTH} levels deep")
     try:
         data = json.loads(raw, parse_int=integer, parse_constant=constant)
     except RecursionError:
-        raise refuse(f"nested more than {_METADATA_MAX_DEPTH} levels deep") from None
+        raise too_deep from None
+    except LoraFormatError:
+        raise
     except ValueError as e:
-        if isinstance(e, LoraFormatError):
-            raise
         raise refuse(str(e)[:200]) from None
-    stack = [(data, 1)]
+    if _depth(data) > _METADATA_MAX_DEPTH:
+        raise too_deep
+    return data
+
+
+def _depth(value: object) -> int:
+    """How deeply JSON data nests lists and dicts (iteratively: the data may be deep)."""
+    deepest, stack = 0, [(value, 1)]
     while stack:
         value, depth = stack.pop()
-        if depth > _METADATA_MAX_DEPTH:
-            raise refuse(f"nested more than {_METADATA_MAX_DEPTH} levels deep")
+        deepest = max(deepest, depth)
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, list):
             stack.extend((v, depth + 1) for v in value)
-    return data
+    return deepest
