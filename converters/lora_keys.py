@@ -11,9 +11,9 @@ tensors are and mean lives in `converters/lora_algorithms/`, whose modules give 
 tensor suffixes assembled here:
 - Kohya / A1111 / Civitai / LyCORIS: `lora_unet_<module path, dots as _>` (SD1/SD2 and TheLastBen's
   SDXL files: diffusers paths; Kohya SDXL: the original SGM UNet's paths, `input_blocks_4_1_...`),
-  `lycoris_<path>` (SimpleTuner), `lora_te_` / `lora_te1_` / `lora_te2_` (with or without
-  `text_model_`), the algorithms' suffixes (`.lora_down.weight`, `.hada_w1_a`, `.lokr_w1`,
-  `.oft_blocks`, `.a1.weight`, ...), `.alpha`, `.dora_scale`.
+  `lycoris_<path>` (SimpleTuner), `oft_unet_<path>` (Kohya's OFT), `lora_te_` / `lora_te1_` /
+  `lora_te2_` (with or without `text_model_`), the algorithms' suffixes (`.lora_down.weight`,
+  `.hada_w1_a`, `.lokr_w1`, `.oft_blocks`, `.a1.weight`, ...), `.alpha`, `.dora_scale`.
 - diffusers / PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` / `base_model.model.` / no prefix,
   `.lora_A.weight` / `.lora_B.weight` / `.lora_magnitude_vector`, `.lora.down.weight`,
   `.lora_linear_layer.down.weight`, and the old attention-processor names
@@ -96,6 +96,7 @@ _MODIFIERS = ("alpha", "dora_scale", "magnitude")  # tensor names that are no al
 _KOHYA_PREFIXES = (
     ("lora_unet_", "unet"),
     ("lycoris_", "unet"),  # SimpleTuner's LyCORIS files
+    ("oft_unet_", "unet"),  # Kohya sd-scripts' networks.oft
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"),

@@ -243,3 +243,36 @@ def test_their_change_has_no_delta_without_a_weight():
 def test_shape_errors(patch, shape, match):
     with pytest.raises(LoraFormatError, match=match):
         merged_weight(torch.zeros(shape), patch)
+
+
+def test_kohya_oft_files():
+    """Kohya sd-scripts' networks.oft: `oft_unet_<module>` keys, `oft_blocks` [dim, out/dim, out/dim] and
+    `alpha` (the constraint, bound alpha · out). Its merge_to, written out: R = block_diag(m·R_k +
+    (1 − m)·I) from the Cayley blocks, W' = einsum("oi, op -> pi", W, R)."""
+    from lora_files import pipeline_targets
+
+    from comfyui_diffusers_adapters.converters.lora_keys import parse_lora
+    from testlib import tiny_pipeline
+
+    pipe = tiny_pipeline("sd1")
+    path = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    w0 = pipe.unet.get_submodule(path).weight.detach()
+    out = w0.shape[0]
+    g = torch.Generator().manual_seed(7)
+    blocks = torch.randn(4, out // 4, out // 4, generator=g) * 0.1
+    stem = "oft_unet_" + path.replace(".", "_")
+    lora = parse_lora(
+        {f"{stem}.oft_blocks": blocks, f"{stem}.alpha": torch.tensor(0.05)}, pipeline_targets(pipe)
+    )
+    assert lora.unmatched == () and lora.format == "kohya"
+    patch = lora.patches["unet"][path]
+    assert patch.algorithm == "oft"
+    for m in MULTIPLIERS:
+        q = blocks - blocks.transpose(1, 2)  # Kohya's get_weight, with its clamp of the norm
+        norm = torch.norm(q.flatten())
+        q = q * ((torch.clamp(norm, max=0.05 * out) + 1e-8) / (norm + 1e-8))
+        eye = torch.eye(out // 4).expand(4, -1, -1)
+        r = torch.matmul(eye + q, (eye - q).inverse())
+        big = torch.block_diag(*(m * r + (1 - m) * eye))
+        want = torch.einsum("oi, op -> pi", w0, big)
+        assert_weights_close(merged_weight(w0, patch, m), want, w0, f"kohya oft x{m}")
