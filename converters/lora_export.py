@@ -237,7 +237,7 @@ def _compact(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _check_factors(layer: _Layer, patch: LayerPatch, shape: tuple[int, ...], name: str) -> None:
-    """Guard: alpha/r · B @ A must give lora_math's ΔW (the definition the pack merges)."""
+    """Guard: alpha/r · B @ A must give lora_algorithms' ΔW (the definition the pack merges)."""
     want = weight_delta(patch, shape, device="cpu").reshape(shape[0], -1)
     got = layer.up.reshape(shape[0], -1) @ layer.down.reshape(layer.rank, -1) * layer.scale
     err = float((got - want).abs().max()) if want.numel() else 0.0

@@ -35,16 +35,13 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .checkpoint_layout import FAMILY_NAMES
+from .families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
 from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, supported_names
 from .lora_algorithms import dora as dora_modifier
 from .lora_form import PARTS, LayerPatch, LoraFile, LoraFormatError
 
 StateDict = Mapping[str, torch.Tensor]
 Targets = Mapping[str, Mapping[str, tuple[int, ...]]]
-
-# Width of the text embedding the UNet's cross-attention reads: CLIP-L, OpenCLIP-H, CLIP-L + bigG.
-_CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 
 # Largest size a LoRA tensor value or alpha may have. Trained factors, diffs, DoRA magnitudes and
 # alphas stay far below it (fp16, the usual file dtype, ends at 65504); past it a file is broken or
@@ -290,7 +287,7 @@ def detect_family(state_dict: StateDict) -> str | None:
         width = _input_width(key, tensor)
         low = key.replace(".", "_")
         if "attn2_to_k" in low or "attn2_to_v" in low or "attn2_processor_to_k" in low:
-            if width in _CROSS_WIDTH_FAMILY:
+            if width in FAMILY_BY_CROSS_ATTENTION:
                 cross.add(width)
         if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
             second_encoder = True
@@ -305,7 +302,7 @@ def detect_family(state_dict: StateDict) -> str | None:
                 sdxl_only = True
     for width in (2048, 1024, 768):
         if width in cross:
-            return _CROSS_WIDTH_FAMILY[width]
+            return FAMILY_BY_CROSS_ATTENTION[width]
     if second_encoder or sgm or sdxl_only:
         return "sdxl"
     if 1024 in text:
@@ -320,7 +317,7 @@ def target_family(targets: Targets) -> str | None:
     unet = targets.get("unet", {})
     for path, shape in unet.items():
         if path.endswith("attn2.to_k") and len(shape) >= 2:
-            return _CROSS_WIDTH_FAMILY.get(int(shape[1]))
+            return FAMILY_BY_CROSS_ATTENTION.get(int(shape[1]))
     return None
 
 
