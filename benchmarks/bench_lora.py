@@ -766,7 +766,6 @@ def product_floor_seconds(unet, paths: dict[str, str], lora, strength: float, ti
     this; the reference computes it too, plus its full-size temporaries."""
     try:
         la = pack_module("converters.lora_algorithms")
-        merge = pack_module("converters.lora_algorithms.merge")
     except ImportError:  # a pack from before converters/lora_algorithms (for before/after figures)
         return float("nan")
     jobs = []
@@ -776,9 +775,9 @@ def product_floor_seconds(unet, paths: dict[str, str], lora, strength: float, ti
         jobs.append((patch, shape))
     blocks = []
     for patch, shape in jobs:
-        group = la.step(patch, shape, strength, torch.device("cpu")).group
+        s = la.step(patch, shape, strength, torch.device("cpu"))
         rows, width = shape[0], math.prod(shape[1:])
-        blocks.append(min(rows, group * max(1, merge._BLOCK_ELEMENTS // max(1, group * width))))
+        blocks.append(min(rows, s.group * max(1, s.block_elements // max(1, s.group * width))))
     scratch = torch.zeros(max(b * math.prod(s[1:]) for b, (_, s) in zip(blocks, jobs)), dtype=torch.float32)
     with timer:
         for (patch, shape), block in zip(jobs, blocks):

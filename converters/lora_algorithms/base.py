@@ -67,6 +67,9 @@ class Step:
     """One patch at one strength, ready to merge (see the module docstring)."""
 
     group: int = 1  # rows that must be in one block together (OFT blocks, LoKr's w2 rows)
+    # float32 values per block of rows on a CPU: 1 MiB stays in the cache; steps bound by one matrix
+    # product of a low rank do better with larger blocks (a BLAS runs long rows of blocks faster)
+    block_elements: int = 1 << 18
 
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
         """Rows start:stop of the running weight (acc, float32 [stop - start, in·k·k]) -> patched rows."""

@@ -30,22 +30,45 @@ def _fits_butterfly(blocks: torch.Tensor, out: int) -> bool:
 
 
 class _Butterfly(Step):
+    """The stages on whole groups of rows. Stage i reads its rows in its butterfly order, which is a
+    gather of the previous stage's output composed with the undoing of that stage's order: one
+    row gather and one batched matrix product per stage, into two buffers that are reused."""
+
     def __init__(self, m: torch.Tensor, rescale: torch.Tensor | None):
         self.m = m  # [stages, n, b, b]
         self.rescale = rescale
         stages, _, b, _ = m.shape
         self.group = 2 ** (stages - 1) * b
+        orders = [  # stage i's order of a group's rows: rows seen as [-1, 2, k] read as [-1, k, 2]
+            torch.arange(self.group).view(-1, 2, 2**i * (b // 2)).transpose(1, 2).reshape(-1)
+            for i in range(stages)
+        ]
+        undo = [torch.argsort(order) for order in orders]
+        self._gathers = [orders[0], *(undo[i][orders[i + 1]] for i in range(stages - 1)), undo[-1]]
+        self._cache: tuple[int, list[torch.Tensor], torch.Tensor, torch.Tensor] | None = None
+
+    def _prepared(self, acc: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        n = acc.shape[0]
+        if self._cache is None or self._cache[0] != n:
+            offsets = torch.arange(0, n, self.group)[:, None]
+            gathers = [(offsets + g[None, :]).reshape(-1).to(acc.device) for g in self._gathers]
+            self._cache = (n, gathers, torch.empty_like(acc), torch.empty_like(acc))
+        return self._cache[1:]
 
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
-        stages, _, b, _ = self.m.shape
-        width = acc.shape[1]
-        x = acc
-        for i in range(stages):
-            k = 2**i * (b // 2)
-            permuted = x.view(-1, 2, k, width).transpose(1, 2).reshape(-1, b, width)
-            mixed = torch.bmm(self.m[i, start // b : stop // b], permuted)
-            x = mixed.view(-1, k, 2, width).transpose(1, 2).reshape(-1, width)
-        acc.copy_(x)
+        self.first(acc, acc, start, stop)
+
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        if src.dtype != acc.dtype:
+            return super().first(src, acc, start, stop)
+        b, width = self.m.shape[2], acc.shape[1]
+        gathers, ordered, mixed = self._prepared(acc)
+        torch.index_select(src, 0, gathers[0], out=ordered)
+        for i, gather in enumerate(gathers[1:]):
+            torch.bmm(
+                self.m[i, start // b : stop // b], ordered.view(-1, b, width), out=mixed.view(-1, b, width)
+            )
+            torch.index_select(mixed, 0, gather, out=acc if i == len(gathers) - 2 else ordered)
         if self.rescale is not None:
             acc.mul_(self.rescale[start:stop])
 

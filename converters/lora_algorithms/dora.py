@@ -84,6 +84,7 @@ class DoraStep(Step):
         for size in shape[2:]:
             self.kernel *= int(size)
         self.group = inner.group if axis == 1 else int(shape[0])
+        self.block_elements = inner.block_elements
 
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
         self.inner.rows(acc, start, stop)

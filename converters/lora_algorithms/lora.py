@@ -20,6 +20,8 @@ from .base import Algorithm, Shape, Step, Tensors, check, f32, fan_in, fit, low_
 class _AddProduct(Step):
     """acc += alpha · up @ down, one block of rows at a time."""
 
+    block_elements = 1 << 22
+
     def __init__(self, up: torch.Tensor, down: torch.Tensor, alpha: float):
         self.up, self.down, self.alpha = up, down, alpha
 

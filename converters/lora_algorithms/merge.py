@@ -1,9 +1,10 @@
 """Merging a layer's patches into its weight: original + each patch at its strength, in order.
 
 Computed in float32 and written once in the weight's dtype. On a CPU the weight goes through one block
-of rows at a time (about 1 MiB of float32): every algorithm's step works on that block while it is in
-the cache, and nothing full-size is allocated but the result (fresh memory costs page faults that take
-longer than the arithmetic; see README, Benchmarks). On a GPU the block is the whole weight. The block
+of rows at a time (1 MiB of float32, which stays in the cache; 16 MiB for a low-rank product, which a
+BLAS runs faster on longer blocks): every step works on that block, and nothing full-size is allocated
+but the result (fresh memory costs page faults that take longer than the arithmetic; see README,
+Benchmarks). On a GPU the block is the whole weight. The block
 boundaries depend only on the weight's shape and the patches, so the same contribution always gives
 the same bits, which is what makes the patcher's rollback exact. Patches that change a weight by what
 it holds (OFT, BOFT, GLoRA, DoRA) act on the weight as the patches before them left it.
@@ -21,7 +22,8 @@ from .base import fan_in
 from .lora import ALGORITHM as LORA
 from .registry import step
 
-_BLOCK_ELEMENTS = 1 << 18  # float32 values per block of rows on a CPU: 1 MiB, stays in the cache
+_PLAIN_BLOCK_ELEMENTS = 1 << 18  # fp16/bf16 plain LoRA: float32 values per block of rows, 1 MiB
+_BLOCK_ELEMENTS: int | None = None  # set to force one block size (tests); else the steps' own
 
 
 def merge_layer(
@@ -45,7 +47,8 @@ def merge_layer(
     group = math.lcm(*(s.group for s in steps)) if steps else 1
     block = rows
     if device.type == "cpu":
-        block = min(rows, group * max(1, _BLOCK_ELEMENTS // max(1, group * width)))
+        elements = max(s.block_elements for s in steps) if _BLOCK_ELEMENTS is None else _BLOCK_ELEMENTS
+        block = min(rows, group * max(1, elements // max(1, group * width)))
     direct = original.dtype == torch.float32  # work in the result's own rows
     buffer = None if direct else torch.empty(block, width, dtype=torch.float32, device=device)
     for start in range(0, rows, block):
@@ -75,7 +78,7 @@ def plain_lora_merge(original: torch.Tensor, factors: list, out: torch.Tensor | 
         for up, down, alpha in rest:
             dst.addmm_(up, down, alpha=alpha)
         return result
-    step_rows = max(1, _BLOCK_ELEMENTS // src.shape[1])
+    step_rows = max(1, _PLAIN_BLOCK_ELEMENTS // src.shape[1])
     for i in range(0, src.shape[0], step_rows):
         acc = src[i : i + step_rows].to(torch.float32)
         for up, down, alpha in factors:

@@ -47,9 +47,13 @@ class _Rotate(Step):
         self.group = m.shape[1]
 
     def rows(self, acc: torch.Tensor, start: int, stop: int) -> None:
-        b = self.group
-        blocks = acc.view(-1, b, acc.shape[1])
-        blocks.copy_(torch.bmm(self.mt[start // b : stop // b], blocks))
+        self.first(acc.clone(), acc, start, stop)
+
+    def first(self, src: torch.Tensor, acc: torch.Tensor, start: int, stop: int) -> None:
+        if src.dtype != acc.dtype:
+            return super().first(src, acc, start, stop)
+        b, width = self.group, acc.shape[1]
+        torch.bmm(self.mt[start // b : stop // b], src.view(-1, b, width), out=acc.view(-1, b, width))
         if self.rescale is not None:
             acc.mul_(self.rescale[start:stop])
 
