@@ -637,6 +637,341 @@ def run_size(
     return result
 
 
+# ================================================================ LyCORIS algorithms
+ALGORITHMS = ("locon", "loha", "lokr", "dora", "oft", "boft", "glora")
+DEFAULT_ALGORITHMS = ("locon", "loha", "lokr", "dora")
+ALGO_RANK = {"locon": 32, "loha": 16, "lokr": 16, "dora": 32, "glora": 16}
+ALGO_APPLY_TARGET = 0.5  # of the LyCORIS reference's apply
+ALGO_STRENGTH_TARGET = 0.25
+
+
+def algo_layers(unet, which: str) -> dict[str, torch.nn.Module]:
+    """The layers a LyCORIS file patches: "lycoris" (its default preset: every Linear and Conv2d of the
+    transformers, resnets, samplers, conv_in/conv_out and the time embedding) or "attention" (Kohya's
+    default: the transformers' layers)."""
+    helpers = test_helpers()
+    modules = helpers.lora_modules(unet)
+    if which == "attention":
+        return {p: m for p, m in modules.items() if helpers.in_transformer(p)}
+    return {p: m for p, m in modules.items() if not p.startswith("add_embedding")}
+
+
+def algo_state_dict(algo: str, layers: dict, rename, seed: int) -> dict[str, torch.Tensor]:
+    """A LyCORIS file of `algo` on `layers`, under LyCORIS's key names, fp16 tensors of trained-like
+    sizes (the product changes a weight by about 1 %), alphas rank/2 (OFT/BOFT: no constraint)."""
+    from lycoris.functional import factorization, power2factorization
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(torch.float16)
+
+    sd: dict[str, torch.Tensor] = {}
+    for path, module in layers.items():
+        shape = tuple(module.weight.shape)
+        out, fan, kernel = shape[0], math.prod(shape[1:]), shape[2:]
+        ones = [1] * len(kernel)
+        stem = "lora_unet_" + rename(path).replace(".", "_")
+        r = ALGO_RANK.get(algo, 4)
+        alpha = r / 2
+        if algo in ("locon", "dora"):
+            sd[f"{stem}.lora_down.weight"] = rnd(r, *shape[1:], std=fan**-0.5)
+            sd[f"{stem}.lora_up.weight"] = rnd(out, r, *ones, std=0.02)
+            if algo == "dora":
+                norms = module.weight.detach().float().reshape(out, -1).norm(dim=1)
+                sd[f"{stem}.dora_scale"] = (norms * (1 + 0.01 * torch.randn(out, generator=g))).reshape(
+                    out, 1, *ones
+                )
+        elif algo == "loha":
+            for n in ("1", "2"):
+                sd[f"{stem}.hada_w{n}_a"] = rnd(out, r, std=0.1)
+                sd[f"{stem}.hada_w{n}_b"] = rnd(r, fan, std=fan**-0.5)
+        elif algo == "lokr":
+            a, b = factorization(out, 8)
+            c, d = factorization(shape[1], 8)
+            sd[f"{stem}.lokr_w1"] = rnd(a, c, std=0.1)
+            sd[f"{stem}.lokr_w2_a"] = rnd(b, r, std=0.1)
+            sd[f"{stem}.lokr_w2_b"] = rnd(r, d * math.prod(kernel), std=(d * math.prod(kernel)) ** -0.5)
+        elif algo == "oft":
+            size, count = factorization(out, 4)
+            sd[f"{stem}.oft_blocks"] = rnd(count, size, size, std=0.01)
+            alpha = 0.0
+        elif algo == "boft":
+            size, count = power2factorization(out, 16)
+            stages = sum(int(i) for i in f"{count - 1:b}") + 1
+            sd[f"{stem}.oft_blocks"] = rnd(stages, count, size, size, std=0.01)
+            alpha = 0.0
+        elif algo == "glora":
+            sd[f"{stem}.a1.weight"] = rnd(shape[1], r, *ones, std=0.01)
+            sd[f"{stem}.a2.weight"] = rnd(r, shape[1], *ones, std=0.1)
+            sd[f"{stem}.b1.weight"] = rnd(out, r, *ones, std=0.01)
+            sd[f"{stem}.b2.weight"] = rnd(r, *shape[1:], std=fan**-0.5)
+        sd[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    return sd
+
+
+def lycoris_merged(algo: str, weight: torch.Tensor, t: dict[str, torch.Tensor], strength: float = 1.0):
+    """The reference: LyCORIS's functional diff_weight (float32) added to the weight, into new memory
+    (the original stays, as the pack's exact backup needs); DoRA: LyCORIS's weight_decompose after."""
+    from lycoris.functional import boft, diag_oft, general, locon, loha, lokr
+    from lycoris.modules.glora import _glora_weight
+
+    shape = weight.shape
+    alpha = float(t["alpha"])
+    if algo in ("locon", "dora"):
+        down, up = t["lora_down.weight"], t["lora_up.weight"]
+        diff = locon.diff_weight(down, up, None, gamma=alpha / down.shape[0]).reshape(shape)
+        if algo == "dora":
+            return general.weight_decompose(weight + diff, t["dora_scale"], strength)
+    elif algo == "loha":
+        r = t["hada_w1_b"].shape[0]
+        w = (t["hada_w1_b"], t["hada_w1_a"], t["hada_w2_b"], t["hada_w2_a"], None, None)
+        diff = loha.diff_weight(*w, gamma=alpha / r).reshape(shape)
+    elif algo == "lokr":
+        w = (t["lokr_w1"], None, None, None, t["lokr_w2_a"], t["lokr_w2_b"], None)
+        diff = lokr.diff_weight(*w, gamma=alpha).reshape(shape)  # lokr takes alpha, not alpha / r
+    elif algo == "oft":
+        diff = diag_oft.diff_weight(weight, t["oft_blocks"], None, constraint=0)
+    elif algo == "boft":
+        diff = boft.diff_weight(weight, t["oft_blocks"], None, constraint=0, scale=strength)
+        return weight + diff
+    else:
+        w = (t["a1.weight"], t["a2.weight"], t["b1.weight"], t["b2.weight"])
+        diff = _glora_weight(weight, *w, None, alpha / t["a2.weight"].shape[0])
+    return torch.add(weight, diff, alpha=strength)
+
+
+def lycoris_apply(unet, paths: dict[str, str], file: Path, algo: str) -> dict[str, torch.Tensor]:
+    """The reference apply: read the file, merge every layer with lycoris_merged; returns the originals."""
+    from safetensors.torch import load_file
+
+    sd = load_file(str(file))
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        stem, suffix = key.split(".", 1)
+        grouped.setdefault(stem, {})[suffix] = tensor.float()
+    originals = {}
+    with torch.no_grad():
+        for stem, t in grouped.items():
+            module = unet.get_submodule(paths[stem])
+            originals[stem] = module.weight.data
+            module.weight.data = lycoris_merged(algo, module.weight.data, t).to(module.weight.dtype)
+    return originals
+
+
+def product_floor_seconds(unet, paths: dict[str, str], lora, strength: float, timer) -> float:
+    """The algorithm's own arithmetic alone: every layer's merge steps on cache-sized blocks of scratch
+    memory, with no read of the original and no write of the result. Any exact merge that does not
+    keep a full-size delta per layer (as much memory again as the patched weights) computes at least
+    this; the reference computes it too, plus its full-size temporaries."""
+    try:
+        la = pack_module("converters.lora_algorithms")
+    except ImportError:  # a pack from before converters/lora_algorithms (for before/after figures)
+        return float("nan")
+    jobs = []
+    for path in paths.values():
+        patch = lora.patches["unet"][path]
+        shape = tuple(unet.get_submodule(path).weight.shape)
+        jobs.append((patch, shape))
+    blocks = []
+    for patch, shape in jobs:
+        s = la.step(patch, shape, strength, torch.device("cpu"))
+        rows, width = shape[0], math.prod(shape[1:])
+        blocks.append(min(rows, s.group * max(1, s.block_elements // max(1, s.group * width))))
+    scratch = torch.zeros(max(b * math.prod(s[1:]) for b, (_, s) in zip(blocks, jobs)), dtype=torch.float32)
+    with timer:
+        for (patch, shape), block in zip(jobs, blocks):
+            s = la.step(patch, shape, strength, torch.device("cpu"))
+            rows, width = shape[0], math.prod(shape[1:])
+            acc = scratch[: block * width].view(block, width)
+            for start in range(0, rows, block):
+                stop = min(rows, start + block)
+                s.rows(acc[: stop - start], start, stop)
+    return timer.seconds
+
+
+def run_algorithms(
+    size: str, device: torch.device, reps: int, algorithms: list[str], which: str, folder: Path
+) -> dict:
+    """Per algorithm: the pack's apply, strength change and removal against LyCORIS's functional
+    diff_weight + add (and, for LoCon, diffusers' load_lora_weights + fuse_lora), on a full-size UNet."""
+    dtype = torch.float32 if device.type == "cpu" else torch.float16
+    loras = folder / "loras"
+    loras.mkdir(exist_ok=True)
+    t_start = time.perf_counter()
+    warm_up(device, torch.float32 if device.type == "cpu" else dtype, loras)
+    trim_memory()
+    pipe = build_pipeline(size, device, dtype)
+    unet = pipe.unet
+    family = "sd1" if size == "sd15" else "sdxl"
+    base = pack_module("loaders.base_models").BaseModel(
+        pipe, family, f"random {size}", dtype, device, "epsilon"
+    )
+    helpers = test_helpers()
+    rename = (lambda path: path) if size == "sd15" else helpers.sdxl_sgm_name
+    layers = algo_layers(unet, which)
+    paths = {"lora_unet_" + rename(p).replace(".", "_"): p for p in layers}
+    patched = sum(m.weight.numel() for m in layers.values())
+    print(
+        f"[{size} algorithms] UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.0f} M params "
+        f"{str(dtype)[6:]}; {len(layers)} layers ({which}), {patched / 1e6:.0f} M patched parameters; "
+        f"setup {time.perf_counter() - t_start:.0f} s, RSS {rss_gib():.1f} GiB",
+        flush=True,
+    )
+    pack = PackSide(base, loras)
+    diff = DiffusersSide(pipe, loras)
+    timer = Timer(device)
+    results = {}
+    for algo in algorithms:
+        name = f"{algo}_{size}.safetensors"
+        sd = algo_state_dict(algo, layers, rename, seed=len(results))
+        from safetensors.torch import save_file
+
+        save_file(sd, str(loras / name), metadata={"ss_network_module": "lycoris.kohya"})
+        del sd
+        t = {k: [] for k in ("ref", "p_apply", "p_strength", "p_remove", "d_apply", "products", "copy")}
+        checks: dict = {}
+        before = digest(unet, paths)
+        check = dict(list(paths.items())[:: max(1, len(paths) // 8)])
+        for rep in range(reps):
+            for which_side in ("ref", "pack") if rep % 2 == 0 else ("pack", "ref"):
+                trim_memory()
+                if which_side == "ref":
+                    with timer:
+                        originals = lycoris_apply(unet, paths, loras / name, algo)
+                    t["ref"].append(timer.seconds)
+                    if rep == 0:
+                        checks["ref_merged"] = weights_of(unet, check)
+                    for stem, original in originals.items():
+                        unet.get_submodule(paths[stem]).weight.data = original
+                    del originals
+                    continue
+                state = base.kind_state.get("lora")
+                if state is not None:
+                    state.spares.clear()  # a fresh apply: merged weights in fresh memory, as the reference
+                trim_memory()
+                with timer:
+                    handle = pack.load(name, 1.0, cold=True)
+                    pack.materialize(handle)
+                t["p_apply"].append(timer.seconds)
+                if rep == 0:
+                    checks["pack_merged"] = weights_of(unet, check)
+                with timer:
+                    pack.materialize(pack.load(name, STRENGTH_2))
+                t["p_strength"].append(timer.seconds)
+                with timer:
+                    pack.materialize(pack.h0)
+                t["p_remove"].append(timer.seconds)
+                if rep == 0:
+                    checks["removal_exact"] = digest(unet, paths) == before
+            lora = pack.lora_files.read_lora(loras / name, base)
+            t["products"].append(product_floor_seconds(unet, paths, lora, STRENGTH_2, timer))
+            t["copy"].append(rewrite_floor_seconds(base, unet, paths, timer))
+        if algo == "locon":  # the one of these diffusers loads
+            try:
+                for _ in range(reps):
+                    trim_memory()
+                    with timer:
+                        diff.load(name)
+                        diff.fuse()
+                    t["d_apply"].append(timer.seconds)
+                    diff.unfuse()
+                    diff.unload()
+            except Exception as e:  # noqa: BLE001 - reported, the pack's numbers still stand
+                checks["diffusers_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ref, got = checks.pop("ref_merged"), checks.pop("pack_merged")
+        checks["pack_vs_ref"] = max(float((got[s] - ref[s]).abs().max() / ref[s].abs().max()) for s in ref)
+        results[algo] = {"times": t, "checks": checks}
+        m = {k: median(v) for k, v in t.items()}
+        print(
+            f"[{size} {algo}] LyCORIS apply {m['ref']:.2f} s | pack apply {m['p_apply']:.2f} s, strength "
+            f"{m['p_strength']:.2f} s, removal {m['p_remove']:.3f} s | products alone {m['products']:.2f} s, "
+            f"one copy of the weights {m['copy']:.2f} s"
+            + (f" | diffusers {m['d_apply']:.2f} s" if t["d_apply"] else ""),
+            flush=True,
+        )
+        state = base.kind_state.get("lora")
+        if state is not None:
+            state.spares.clear()
+        trim_memory()
+    return {
+        "size": size,
+        "dtype": str(dtype)[6:],
+        "device": str(device),
+        "which": which,
+        "layers": len(layers),
+        "patched": patched,
+        "reps": reps,
+        "algorithms": results,
+        "wall": time.perf_counter() - t_start,
+    }
+
+
+def report_algorithms(results: list[dict]) -> list[tuple[str, bool, str]]:
+    verdicts = []
+    for r in results:
+        print()
+        print(
+            f"LyCORIS algorithms, {r['size']} {r['dtype']} on {r['device']}: {r['layers']} layers "
+            f"({r['which']}), {r['patched'] / 1e6:.0f} M patched parameters, {r['reps']} reps (medians), "
+            f"wall {r['wall']:.0f} s"
+        )
+        print(
+            f"{'algorithm':9s} {'LyCORIS s':>9s} {'apply s':>8s} {'ratio':>6s} {'strength s':>10s} "
+            f"{'ratio':>6s} "
+            f"{'removal s':>9s} {'products':>8s} {'copy':>6s}   notes"
+        )
+        for algo, a in r["algorithms"].items():
+            m = {k: median(v) for k, v in a["times"].items()}
+            c = a["checks"]
+            apply_ratio, strength_ratio = m["p_apply"] / m["ref"], m["p_strength"] / m["ref"]
+            note = f"pack vs LyCORIS {c['pack_vs_ref']:.1e} of |W|; removal bit-exact {c['removal_exact']}"
+            if a["times"]["d_apply"]:
+                note += (
+                    f"; diffusers load + fuse {m['d_apply']:.2f} s "
+                    f"(pack/diffusers {m['p_apply'] / m['d_apply']:.2f})"
+                )
+            if c.get("diffusers_error"):
+                note += f"; diffusers failed: {c['diffusers_error']}"
+            print(
+                f"{algo:9s} {m['ref']:9.2f} {m['p_apply']:8.2f} {apply_ratio:6.2f} {m['p_strength']:10.2f} "
+                f"{strength_ratio:6.2f} {m['p_remove']:9.3f} {m['products'] / m['ref']:8.2f} "
+                f"{m['copy'] / m['ref']:6.2f}   {note}"
+            )
+            tag = f"{r['size']} {algo}"
+            verdicts.append(
+                (
+                    f"{tag} apply <= {ALGO_APPLY_TARGET}x LyCORIS",
+                    apply_ratio <= ALGO_APPLY_TARGET,
+                    f"{apply_ratio:.3f}x",
+                )
+            )
+            verdicts.append(
+                (
+                    f"{tag} strength change <= {ALGO_STRENGTH_TARGET}x LyCORIS apply",
+                    strength_ratio <= ALGO_STRENGTH_TARGET,
+                    f"{strength_ratio:.3f}x (floor: products alone {m['products'] / m['ref']:.2f}x, "
+                    f"one copy {m['copy'] / m['ref']:.2f}x)",
+                )
+            )
+            verdicts.append((f"{tag} removal bit-exact", bool(c["removal_exact"]), ""))
+            verdicts.append(
+                (
+                    f"{tag} merge equals LyCORIS (1e-5 of |W|)",
+                    c["pack_vs_ref"] <= 1e-5,
+                    f"{c['pack_vs_ref']:.1e}",
+                )
+            )
+        print(
+            "  ratios are to LyCORIS's apply (file read + diff_weight + add into new memory). 'products': "
+            "the "
+            "algorithm's arithmetic alone on cache-sized blocks, 'copy': one copy of every patched weight; "
+            "an exact strength change that keeps no full-size delta per layer does both at least, so "
+            "max(products, copy) is its floor here."
+        )
+    return verdicts
+
+
 # ================================================================ report
 def row(tag: str, step: str, p: float, d: float, note: str = "") -> float:
     ratio = p / d if d == d and d else float("nan")
@@ -645,7 +980,7 @@ def row(tag: str, step: str, p: float, d: float, note: str = "") -> float:
     return ratio
 
 
-def report(results: list[dict]) -> None:
+def report(results: list[dict]) -> list[tuple[str, bool, str]]:
     print()
     print(f"{'size':5s} {'step':16s} {'pack s':>8s} {'diffusers s':>11s} {'pack/diff':>9s}   notes")
     verdicts = []
@@ -752,9 +1087,7 @@ def report(results: list[dict]) -> None:
     for r in results:
         for line in r["profile"]:
             print(line)
-    print()
-    for label, ok, value in verdicts:
-        print(f"{verdict(ok)}  {label}: {value}".rstrip(": "))
+    return verdicts
 
 
 def main() -> None:
@@ -762,7 +1095,11 @@ def main() -> None:
     parser.add_argument(
         "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda")
     )
-    parser.add_argument("--sizes", default=",".join(SIZES), help="comma-separated: sd15, sdxl")
+    parser.add_argument(
+        "--sizes",
+        default=",".join(SIZES),
+        help="plain Kohya LoRA part, comma-separated: sd15, sdxl ('' skips)",
+    )
     parser.add_argument(
         "--reps", type=int, default=None, help="repetitions (default: CPU 3 sd15 / 2 sdxl, CUDA 5)"
     )
@@ -771,50 +1108,83 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU (default 1)")
     parser.add_argument("--profile", action="store_true", help="cProfile one pack apply and strength change")
+    parser.add_argument(
+        "--algorithms",
+        default=",".join(DEFAULT_ALGORITHMS),
+        help=f"LyCORIS part, comma-separated from {', '.join(ALGORITHMS)} ('' skips)",
+    )
+    parser.add_argument("--algo-sizes", default="sd15", help="sizes of the LyCORIS part (default sd15)")
+    parser.add_argument(
+        "--algo-layers",
+        default="lycoris",
+        choices=("lycoris", "attention"),
+        help="layers of the LyCORIS files: LyCORIS's default preset (all UNet Linear/Conv2d) or attention",
+    )
+    parser.add_argument(
+        "--algo-reps", type=int, default=2, help="repetitions of the LyCORIS part (default 2)"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="lora", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        parser.error(f"unknown algorithms {unknown}; choose from {', '.join(ALGORITHMS)}")
 
     if args.worker:
-        reps = args.reps or (5 if device.type == "cuda" else (3 if args.worker == "sd15" else 2))
-        blocks = args.blocks or (4 if device.type == "cuda" else 2)
         folder = Path(tempfile.mkdtemp(prefix=f"bench_lora_{args.worker}_"))
         try:
-            result = run_size(args.worker, device, reps, blocks, args.profile, folder)
+            if args.mode == "algorithms":
+                result = run_algorithms(
+                    args.worker, device, args.algo_reps, algorithms, args.algo_layers, folder
+                )
+            else:
+                reps = args.reps or (5 if device.type == "cuda" else (3 if args.worker == "sd15" else 2))
+                blocks = args.blocks or (4 if device.type == "cuda" else 2)
+                result = run_size(args.worker, device, reps, blocks, args.profile, folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         Path(args.result).write_text(json.dumps(result))
         return
 
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
-    unknown = [s for s in sizes if s not in SIZES]
+    algo_sizes = [s.strip() for s in args.algo_sizes.split(",") if s.strip()] if algorithms else []
+    unknown = [s for s in sizes + algo_sizes if s not in SIZES]
     if unknown:
         parser.error(f"unknown sizes {unknown}; choose from {', '.join(SIZES)}")
     print(
-        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, sizes {sizes}",
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, sizes {sizes}, "
+        f"LyCORIS algorithms {algorithms} on {algo_sizes}",
         flush=True,
     )
-    results = []
-    for size in sizes:
+    results: dict[str, list] = {"lora": [], "algorithms": []}
+    jobs = [(size, "lora") for size in sizes] + [(size, "algorithms") for size in algo_sizes]
+    for size, mode in jobs:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             out = Path(f.name)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", size, "--result", str(out)]
-        cmd += ["--device", args.device, "--threads", str(args.threads)]
+        cmd += ["--device", args.device, "--threads", str(args.threads), "--mode", mode]
         cmd += (["--reps", str(args.reps)] if args.reps else []) + (
             ["--blocks", str(args.blocks)] if args.blocks else []
         )
         cmd += ["--profile"] if args.profile else []
+        cmd += ["--algorithms", ",".join(algorithms), "--algo-layers", args.algo_layers]
+        cmd += ["--algo-reps", str(args.algo_reps)]
         proc = subprocess.run(cmd)
         if proc.returncode or not out.stat().st_size:
-            print(f"[{size}] worker failed (rc {proc.returncode}); no results for this size", flush=True)
+            print(f"[{size} {mode}] worker failed (rc {proc.returncode}); no results", flush=True)
         else:
-            results.append(json.loads(out.read_text()))
+            results[mode].append(json.loads(out.read_text()))
         out.unlink(missing_ok=True)
-    if results:
-        report(results)
+    verdicts = report(results["lora"]) if results["lora"] else []
+    verdicts += report_algorithms(results["algorithms"]) if results["algorithms"] else []
+    print()
+    for label, ok, value in verdicts:
+        print(f"{verdict(ok)}  {label}: {value}".rstrip(": "))
     sys.exit(0)
 
 

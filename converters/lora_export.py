@@ -14,7 +14,8 @@ encoder.layers.0.self_attn.q_proj.lora_A.weight`): diffusers strips it for trans
 `CLIPTextModel` and needs it for transformers 4 and `CLIPTextModelWithProjection`; ComfyUI reads that
 spelling too. The header's module names leave it out, so they match under either version.
 
-Per algorithm (ΔW at strength 1 as `lora_math` defines it, reproduced by alpha/r · B @ A):
+Per algorithm (ΔW at strength 1 as `lora_algorithms` defines it, reproduced by alpha/r · B @ A; each
+algorithm module's `export_factors` gives its factors):
 - LoRA / LoCon: the trainer's up and down as they are, with their rank and alpha. Tucker LoCon: the
   mid core folded into a k x k down ([r, in, k, k]), same rank and alpha.
 - LoHa, LoKr, full diffs: an exact factorisation with the scale folded into B (alpha = rank). LoHa's
@@ -23,6 +24,8 @@ Per algorithm (ΔW at strength 1 as `lora_math` defines it, reproduced by alpha/
   reaches min(out, in·k·k), B @ A = ΔW @ I (or I @ ΔW) instead. Then, when the product's numerical
   rank is lower still (a full diff that is really low rank), a truncated SVD taken through the
   factors' QR gives the smallest rank (float64, error ~1e-7 of the delta).
+- OFT, BOFT, GLoRA: their change depends on the base model's weights, which a diffusers LoRA cannot
+  express; they are refused (or left out), as are norm-layer diffs.
 - DoRA (`dora_scale`): PEFT's `lora_magnitude_vector` with `use_dora`, which diffusers loads (text
   encoders: `lora_magnitude_vector.weight`, the only spelling transformers 5's `load_adapter` maps
   onto the model; PEFT's own loader, used for the UNet, accepts both). PEFT's
@@ -45,15 +48,14 @@ the source file (training metadata, trigger words) are carried over.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections import Counter
 from typing import Mapping
 
 import torch
 
-from .lora_math import bias_delta, weight_delta
-from .lora_patch import LayerPatch, LoraFile, LoraFormatError
+from .lora_algorithms import algorithm, bias_delta, weight_delta
+from .lora_form import LayerPatch, LoraFile, LoraFormatError
 
 Targets = Mapping[str, Mapping[str, tuple[int, ...]]]
 
@@ -96,8 +98,9 @@ def to_peft_state_dict(
     for part, patches in lora.patches.items():
         layers: dict[str, _Layer] = {}
         for path, patch in patches.items():
-            if patch.algorithm == "norm":
-                dropped.append(f"{part}.{path}: norm-layer diff (PEFT LoRA has no LayerNorm/GroupNorm form)")
+            reason = algorithm(patch.algorithm).no_export
+            if reason:
+                dropped.append(f"{part}.{path}: {reason}")
                 continue
             shape = _shape(patch, (targets or {}).get(part, {}).get(path), part, path)
             layers[path] = _export_layer(patch, shape, part, path)
@@ -162,14 +165,19 @@ def _export_layer(patch: LayerPatch, shape: tuple[int, ...], part: str, path: st
     name = f"{part}.{path}"
     if len(shape) < 2:
         raise LoraExportError(f"{name}: a {patch.algorithm} patch on a weight of shape {shape}")
-    if patch.algorithm == "lora":
-        down, up, alpha = _lora_factors(patch, shape)
+    algo = algorithm(patch.algorithm)
+    factors = algo.export_factors(patch, shape)
+    if factors is not None and algo.export_as_stored:
+        up, down, alpha = factors
     else:
-        up, down = _structural_factors(patch, shape, name)
+        if factors is None:  # full rank (or a product whose rank reaches it): ΔW beside an identity
+            up, down = _identity_factors(weight_delta(patch, shape, device="cpu").reshape(shape[0], -1))
+        else:
+            up, down, _ = factors
         up, down = _compact(up, down)
         alpha = down.shape[0]  # the scale is folded into B
-        up = up.reshape(shape[0], -1, *([1] * (len(shape) - 2)))
-        down = down.reshape(-1, *shape[1:])
+    up = up.reshape(shape[0], -1, *([1] * (len(shape) - 2)))
+    down = down.reshape(-1, *shape[1:])
     layer = _Layer(down.contiguous(), up.contiguous(), alpha)
     _check_factors(layer, patch, shape, name)
     dora = patch.tensors.get("dora_scale")
@@ -192,55 +200,13 @@ def _shape(patch: LayerPatch, target: tuple[int, ...] | None, part: str, path: s
     """The layer's weight shape: from `targets`, else read off the tensors where they tell it."""
     if target is not None:
         return tuple(int(s) for s in target)
-    t = patch.tensors
-    if patch.algorithm == "lora":
-        if "mid" in t:
-            return (int(t["up"].shape[0]), int(t["down"].shape[1]), *t["mid"].shape[2:])
-        return (int(t["up"].shape[0]), *t["down"].shape[1:])
-    if patch.algorithm == "full":
-        return tuple(t["diff"].shape)
-    if patch.algorithm == "lokr" and "w2" in t and "t2" not in t:
-        w1 = t.get("w1")
-        a, c = (w1.shape[0], w1.shape[1]) if w1 is not None else (t["w1a"].shape[0], t["w1b"].shape[1])
-        w2 = t["w2"]
-        return (int(a * w2.shape[0]), int(c * w2.shape[1]), *w2.shape[2:])
-    if patch.algorithm == "loha" and "t1" in t:
-        return (int(t["w1a"].shape[1]), int(t["w1b"].shape[1]), *t["t1"].shape[2:])
-    if patch.algorithm == "lokr" and "t2" in t:
-        w1 = t.get("w1")
-        a, c = (w1.shape[0], w1.shape[1]) if w1 is not None else (t["w1a"].shape[0], t["w1b"].shape[1])
-        return (int(a * t["w2a"].shape[1]), int(c * t["w2b"].shape[1]), *t["t2"].shape[2:])
+    shape = algorithm(patch.algorithm).weight_shape(patch.tensors)
+    if shape is not None:
+        return tuple(int(s) for s in shape)
     raise LoraExportError(
         f"{part}.{path}: the {patch.algorithm} tensors do not tell whether the layer is a Linear or a "
         "convolution; pass targets (the pipeline's module shapes) to export it."
     )
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to(torch.float32)
-
-
-def _low_rank_scale(patch: LayerPatch, rank: int | None) -> float:
-    """alpha / rank as lora_math applies it; 1 for alpha None or 0, and without a factored half."""
-    if rank is None or patch.alpha is None or float(patch.alpha) == 0.0:
-        return 1.0
-    return float(patch.alpha) / rank
-
-
-def _lora_factors(patch: LayerPatch, shape: tuple[int, ...]):
-    """LoRA/LoCon: down [r, in, k, k] (Tucker mid folded in), up [out, r, 1, 1], the file's alpha."""
-    t = patch.tensors
-    down, up = _f32(t["down"]), _f32(t["up"])
-    rank = int(down.shape[0])
-    up = up.reshape(up.shape[0], up.shape[1])
-    if "mid" in t:  # ΔW[p, q, ...] = Σ_ij mid[i, j, ...] up[p, i] down[j, q]
-        down = torch.einsum("ij...,jq->iq...", _f32(t["mid"]), down.reshape(rank, -1))
-    new_rank = int(up.shape[1])
-    scale = _low_rank_scale(patch, rank)
-    alpha = (patch.alpha or rank) if new_rank == rank else scale * new_rank
-    down = down.reshape(new_rank, *shape[1:])
-    up = up.reshape(shape[0], new_rank, *([1] * (len(shape) - 2)))
-    return down, up, float(alpha)
 
 
 def _identity_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,55 +215,6 @@ def _identity_factors(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if rows <= cols:
         return torch.eye(rows, dtype=matrix.dtype), matrix
     return matrix, torch.eye(cols, dtype=matrix.dtype)
-
-
-def _half(t: Mapping[str, torch.Tensor], a: str, b: str, core: str | None):
-    """A low-rank half P [rows, r], Q [r, cols·k·k] with P @ Q = a @ b, or the Tucker form
-    Σ_ij core[i, j, ...] a[i, p] b[j, q] (a [r, rows], b [r, cols])."""
-    wa, wb = _f32(t[a]), _f32(t[b])
-    if core is None or core not in t:
-        return wa.reshape(wa.shape[0], -1), wb.reshape(wb.shape[0], -1)
-    wa = wa.reshape(wa.shape[0], wa.shape[1])
-    q = torch.einsum("ij...,jq->iq...", _f32(t[core]), wb.reshape(wb.shape[0], -1))
-    return wa.T, q.reshape(q.shape[0], -1)
-
-
-def _structural_factors(patch: LayerPatch, shape: tuple[int, ...], name: str):
-    """(B [out, R], A [R, fan_in]) with B @ A = ΔW (scale included) for loha, lokr and full."""
-    out, fan_in = shape[0], math.prod(shape[1:])
-    t = patch.tensors
-    if patch.algorithm == "loha":
-        p1, q1 = _half(t, "w1a", "w1b", "t1")
-        p2, q2 = _half(t, "w2a", "w2b", "t2")
-        r1, r2 = p1.shape[1], p2.shape[1]
-        if r1 * r2 < min(out, fan_in):  # face-splitting product: rank r1·r2
-            scale = _low_rank_scale(patch, int(t["w1b"].shape[0]))
-            up = (p1[:, :, None] * p2[:, None, :]).reshape(out, r1 * r2) * scale
-            down = (q1[:, None, :] * q2[None, :, :]).reshape(r1 * r2, fan_in)
-            return up, down
-    elif patch.algorithm == "lokr":
-        rank = None
-        if "w1" in t:
-            u1, v1 = _identity_factors(_f32(t["w1"]).reshape(t["w1"].shape[0], -1))
-        else:
-            u1, v1 = _half(t, "w1a", "w1b", None)
-            rank = int(t["w1b"].shape[0])
-        if "w2" in t:
-            u2, v2 = _identity_factors(_f32(t["w2"]).reshape(t["w2"].shape[0], -1))
-        else:
-            u2, v2 = _half(t, "w2a", "w2b", "t2")
-            rank = int(t["w2b"].shape[0])
-        if u1.shape[1] * u2.shape[1] < min(out, fan_in):  # kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2)
-            up, down = (
-                torch.kron(u1.contiguous(), u2.contiguous()),
-                torch.kron(v1.contiguous(), v2.contiguous()),
-            )
-            return up * _low_rank_scale(patch, rank), down
-    elif patch.algorithm != "full":
-        raise LoraExportError(f"{name}: unknown LoRA algorithm {patch.algorithm!r}")
-    # full rank (or a product whose rank reaches it): ΔW itself beside an identity
-    delta = weight_delta(patch, shape, device="cpu").reshape(out, fan_in)
-    return _identity_factors(delta)
 
 
 def _compact(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +237,7 @@ def _compact(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _check_factors(layer: _Layer, patch: LayerPatch, shape: tuple[int, ...], name: str) -> None:
-    """Guard: alpha/r · B @ A must give lora_math's ΔW (the definition the pack merges)."""
+    """Guard: alpha/r · B @ A must give lora_algorithms' ΔW (the definition the pack merges)."""
     want = weight_delta(patch, shape, device="cpu").reshape(shape[0], -1)
     got = layer.up.reshape(shape[0], -1) @ layer.down.reshape(layer.rank, -1) * layer.scale
     err = float((got - want).abs().max()) if want.numel() else 0.0

@@ -1,4 +1,4 @@
-"""Every LoRA trainer's key names -> the canonical `LoraFile` (see lora_patch.py).
+"""Every LoRA trainer's key names -> the canonical `LoraFile` (converters/lora_form.py).
 
 Pure functions on state dicts. The caller passes `targets`: for each part of the pipeline ("unet",
 "text_encoder", "text_encoder_2") the module paths it may patch and their weight shapes, as the live
@@ -6,18 +6,23 @@ pipeline names them (transformers 5: `CLIPTextModel` without a `text_model.` lev
 `CLIPTextModelWithProjection` with one). Every lookup table is derived from those paths, so any block
 layout (full-size or tiny test models) converts; nothing here hard-codes a model's size.
 
-Key naming conventions read (one table each, below):
+This module holds the key-naming conventions only (one table each, below); what an algorithm's
+tensors are and mean lives in `converters/lora_algorithms/`, whose modules give the Kohya/LyCORIS
+tensor suffixes assembled here:
 - Kohya / A1111 / Civitai / LyCORIS: `lora_unet_<module path, dots as _>` (SD1/SD2 and TheLastBen's
   SDXL files: diffusers paths; Kohya SDXL: the original SGM UNet's paths, `input_blocks_4_1_...`),
-  `lycoris_<path>` (SimpleTuner), `lora_te_` / `lora_te1_` / `lora_te2_` (with or without
-  `text_model_`), suffixes `.lora_down.weight`, `.hada_w1_a`, `.lokr_w1`, `.diff`, `.w_norm`,
-  `.alpha`, `.dora_scale`, ...
+  `lycoris_<path>` (SimpleTuner), `oft_unet_<path>` (Kohya's OFT), `lora_te_` / `lora_te1_` /
+  `lora_te2_` (with or without `text_model_`), the algorithms' suffixes (`.lora_down.weight`,
+  `.hada_w1_a`, `.lokr_w1`, `.oft_blocks`, `.a1.weight`, ...), `.alpha`, `.dora_scale`.
 - diffusers / PEFT: `unet.` / `text_encoder.` / `text_encoder_2.` / `base_model.model.` / no prefix,
   `.lora_A.weight` / `.lora_B.weight` / `.lora_magnitude_vector`, `.lora.down.weight`,
   `.lora_linear_layer.down.weight`, and the old attention-processor names
   (`attn1.processor.to_q_lora.down.weight`); alphas from `.alpha` keys or from the
   `lora_adapter_metadata` JSON header (`lora_alpha`, `alpha_pattern`, `use_rslora`), as diffusers does.
 - `bundle_emb.<token>.<vector>`: textual-inversion embeddings bundled in a LoRA (Kohya / A1111).
+
+Values are checked once per file: every tensor a layer uses and every alpha must be finite and at most
+1e6 in size (`MAX_MAGNITUDE`).
 """
 
 from __future__ import annotations
@@ -30,90 +35,65 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..devtools.ldm_export import unet_to_ldm  # to be replaced by a production SGM table
-from .checkpoint_layout import FAMILY_NAMES
-from .lora_patch import PARTS, LayerPatch, LoraFile, LoraFormatError
+from .families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
+from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, supported_names
+from .lora_algorithms import dora as dora_modifier
+from .lora_form import PARTS, LayerPatch, LoraFile, LoraFormatError
 
 StateDict = Mapping[str, torch.Tensor]
 Targets = Mapping[str, Mapping[str, tuple[int, ...]]]
 
-# Width of the text embedding the UNet's cross-attention reads: CLIP-L, OpenCLIP-H, CLIP-L + bigG.
-_CROSS_WIDTH_FAMILY = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# Largest size a LoRA tensor value or alpha may have. Trained factors, diffs, DoRA magnitudes and
+# alphas stay far below it (fp16, the usual file dtype, ends at 65504); past it a file is broken or
+# hostile, and merged weights would be garbage.
+MAX_MAGNITUDE = 1e6
 
-# ------------------------------------------------------------------------------ suffix table
-# key suffix -> (convention, algorithm or None, canonical tensor name). Longest suffix wins.
-_SUFFIXES: dict[str, tuple[str, str | None, str]] = {
-    # Kohya / LyCORIS (also found after dotted names)
-    ".lora_down.weight": ("kohya", "lora", "down"),
-    ".lora_up.weight": ("kohya", "lora", "up"),
-    ".lora_mid.weight": ("kohya", "lora", "mid"),
-    ".hada_w1_a": ("kohya", "loha", "w1a"),
-    ".hada_w1_b": ("kohya", "loha", "w1b"),
-    ".hada_w2_a": ("kohya", "loha", "w2a"),
-    ".hada_w2_b": ("kohya", "loha", "w2b"),
-    ".hada_t1": ("kohya", "loha", "t1"),
-    ".hada_t2": ("kohya", "loha", "t2"),
-    ".lokr_w1": ("kohya", "lokr", "w1"),
-    ".lokr_w1_a": ("kohya", "lokr", "w1a"),
-    ".lokr_w1_b": ("kohya", "lokr", "w1b"),
-    ".lokr_w2": ("kohya", "lokr", "w2"),
-    ".lokr_w2_a": ("kohya", "lokr", "w2a"),
-    ".lokr_w2_b": ("kohya", "lokr", "w2b"),
-    ".lokr_t2": ("kohya", "lokr", "t2"),
-    ".diff": ("kohya", "full", "diff"),
-    ".diff_b": ("kohya", "full", "diff_b"),
-    ".w_norm": ("kohya", "norm", "w_norm"),
-    ".b_norm": ("kohya", "norm", "b_norm"),
-    ".dora_scale": ("kohya", None, "dora_scale"),
-    ".alpha": ("kohya", None, "alpha"),
+# ------------------------------------------------------------------------------ suffix tables
+# key suffix -> (convention, the algorithms it can belong to, canonical tensor name). Longest wins.
+_Suffix = tuple[str, frozenset, str]
+_NONE: frozenset = frozenset()
+
+
+def _kohya_suffixes() -> dict[str, _Suffix]:
+    """Kohya / LyCORIS: each algorithm module's own suffixes (OFT and BOFT share theirs)."""
+    table: dict[str, _Suffix] = {}
+    for algo in ALGORITHMS.values():
+        for suffix, name in algo.suffixes.items():
+            _, owners, known = table.get(suffix, ("kohya", _NONE, name))
+            assert known == name, f"{suffix} names {known} and {name}"
+            table[suffix] = ("kohya", owners | {algo.name}, name)
+    return table
+
+
+_LORA = frozenset({"lora"})
+_SUFFIXES: dict[str, _Suffix] = {
+    **_kohya_suffixes(),
+    # modifiers of any algorithm (also found after dotted names)
+    ".dora_scale": ("kohya", _NONE, "dora_scale"),
+    ".alpha": ("kohya", _NONE, "alpha"),
     # PEFT (diffusers >= 0.24 files)
-    ".lora_A.weight": ("peft", "lora", "down"),
-    ".lora_B.weight": ("peft", "lora", "up"),
-    ".lora_B.bias": ("peft", "lora", "bias"),
-    ".lora_magnitude_vector": ("peft", None, "magnitude"),
-    ".lora_magnitude_vector.weight": ("peft", None, "magnitude"),
+    ".lora_A.weight": ("peft", _LORA, "down"),
+    ".lora_B.weight": ("peft", _LORA, "up"),
+    ".lora_B.bias": ("peft", _LORA, "bias"),
+    ".lora_magnitude_vector": ("peft", _NONE, "magnitude"),
+    ".lora_magnitude_vector.weight": ("peft", _NONE, "magnitude"),
     # diffusers before PEFT: LoRACompatibleLinear/Conv, text encoder monkey-patch, attention processors
-    ".lora.down.weight": ("diffusers", "lora", "down"),
-    ".lora.up.weight": ("diffusers", "lora", "up"),
-    ".lora_linear_layer.down.weight": ("diffusers", "lora", "down"),
-    ".lora_linear_layer.up.weight": ("diffusers", "lora", "up"),
-    "_lora.down.weight": ("diffusers-old", "lora", "down"),
-    "_lora.up.weight": ("diffusers-old", "lora", "up"),
+    ".lora.down.weight": ("diffusers", _LORA, "down"),
+    ".lora.up.weight": ("diffusers", _LORA, "up"),
+    ".lora_linear_layer.down.weight": ("diffusers", _LORA, "down"),
+    ".lora_linear_layer.up.weight": ("diffusers", _LORA, "up"),
+    "_lora.down.weight": ("diffusers-old", _LORA, "down"),
+    "_lora.up.weight": ("diffusers-old", _LORA, "up"),
 }
 _SUFFIX_ORDER = sorted(_SUFFIXES, key=len, reverse=True)
-
-# LyCORIS algorithms the pack's patcher does not implement: recognised so that a file using them
-# fails with a clear message instead of being half applied.
-_UNSUPPORTED = {
-    ".oft_blocks": "OFT/BOFT",
-    ".oft_diag": "OFT",
-    ".rescale": "OFT/BOFT",
-    ".a1.weight": "GLoRA",
-    ".a2.weight": "GLoRA",
-    ".b1.weight": "GLoRA",
-    ".b2.weight": "GLoRA",
-    ".bm.weight": "GLoRA",
-    ".on_input": "(IA)^3",
-    ".lambda_layer": "T-LoRA",
-    ".q_layer.weight": "T-LoRA",
-    ".p_layer.weight": "T-LoRA",
-    ".lokr_t1": "LoKr with a Tucker w1",
-}
-
-# Tensors each algorithm needs (one of the alternatives).
-_REQUIRED = {
-    "lora": (("up", "down"),),
-    "loha": (("w1a", "w1b", "w2a", "w2b"),),
-    "lokr": (("w1", "w2"), ("w1a", "w1b", "w2"), ("w1", "w2a", "w2b"), ("w1a", "w1b", "w2a", "w2b")),
-    "full": (("diff",),),
-    "norm": (("w_norm",),),
-}
+_MODIFIERS = ("alpha", "dora_scale", "magnitude")  # tensor names that are no algorithm's own
 
 # ------------------------------------------------------------------------------ prefix tables
 # Kohya-style names: prefix -> part; the rest is a module path with "." written as "_".
 _KOHYA_PREFIXES = (
     ("lora_unet_", "unet"),
     ("lycoris_", "unet"),  # SimpleTuner's LyCORIS files
+    ("oft_unet_", "unet"),  # Kohya sd-scripts' networks.oft
     ("lora_te1_", "text_encoder"),
     ("lora_te2_", "text_encoder_2"),
     ("lora_te_", "text_encoder"),
@@ -130,7 +110,35 @@ _DOTTED_PREFIXES = (
 _PEFT_WRAPPER = "base_model.model."
 # Old diffusers text-encoder attention processors: `self_attn.to_q_lora` meant `self_attn.q_proj`.
 _OLD_TE_ATTN = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
-_SGM_ROOTS = ("input_blocks", "middle_block", "output_blocks", "time_embed", "label_emb", "out")
+
+# ------------------------------------------------------------------------------ SGM names
+# The original Stability (SGM / LDM) UNet's names of diffusers UNet modules, which Kohya SDXL files
+# use: the modules outside the blocks by name, and inside a resnet its layers; the blocks themselves
+# are numbered from the UNet's layout (`_sgm_names`): input_blocks.0 is conv_in, then per down level
+# one entry per resnet (resnet at .0, transformer at .1) and one for its downsampler (.0.op);
+# middle_block 0, 1, 2; output_blocks one entry per up resnet, the upsampler at .1 or, after a
+# transformer, .2 of the level's last entry.
+_SGM_TOP = {
+    "conv_in": "input_blocks.0.0",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+_SGM_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_BLOCK = re.compile(
+    r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?$"
+)
+_MID_BLOCK = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.+))?$")
 
 
 # ------------------------------------------------------------------------------ public API
@@ -141,36 +149,12 @@ def parse_lora(
 
     Keys that name no module of `targets` are listed in `unmatched`. A tensor whose shape cannot
     belong to its module's weight raises `LoraFormatError` naming the key (or, when the file's family
-    and the pipeline's differ, one naming both families).
+    and the pipeline's differ, one naming both families); so do non-finite or absurd values.
     """
     metadata = dict(metadata or {})
     tables = _Tables.build(targets)
     peft_configs = _peft_configs(metadata)
-    groups: dict[str, _Group] = {}
-    embeddings: dict[str, dict[str, torch.Tensor]] = {}
-    unmatched: list[str] = []
-
-    for key, tensor in state_dict.items():
-        if key.startswith("bundle_emb."):
-            _, token, vector = (key.split(".", 2) + [""])[:3]
-            if token and vector:
-                vector = "string_to_param" if vector.startswith("string_to_param") else vector
-                embeddings.setdefault(token, {})[vector] = tensor
-                continue
-        suffix = next((s for s in _SUFFIX_ORDER if key.endswith(s)), None)
-        if suffix is None:
-            bad = next((s for s in _UNSUPPORTED if key.endswith(s)), None)
-            if bad is not None:
-                group = groups.setdefault(key[: -len(bad)], _Group())
-                group.unsupported.add(_UNSUPPORTED[bad])
-                group.keys.append(key)
-            else:
-                unmatched.append(key)
-            continue
-        convention, algorithm, name = _SUFFIXES[suffix]
-        group = groups.setdefault(key[: -len(suffix)], _Group())
-        group.add(key, name, tensor, convention, algorithm)
-
+    groups, embeddings, unmatched = _grouped(state_dict)
     patches: dict[str, dict[str, LayerPatch]] = {}
     formats: set[str] = set()
     shape_errors: list[str] = []
@@ -179,50 +163,15 @@ def parse_lora(
     # diffusers-named layer, as diffusers does; the other layer's keys are listed as unmatched.
     resolved.sort(key=lambda item: item[3] == "kohya-sgm")
     for stem, group, candidates, naming in resolved:
-        if not candidates:
+        found = _layer(stem, group, candidates, targets, peft_configs) if candidates else None
+        if isinstance(found, str):
+            shape_errors.append(found)
+            continue
+        if found is None or found[1] in patches.get(found[0], {}):
             unmatched.extend(group.keys)
             continue
-        if group.unsupported:
-            raise LoraFormatError(
-                f"{stem}: this file uses LyCORIS {', '.join(sorted(group.unsupported))}, which the pack "
-                "cannot apply (supported: LoRA/LoCon, LoHa, LoKr, full, norm, DoRA)."
-            )
-        if not group.algorithms:  # only an alpha, a dora_scale...: nothing to apply
-            unmatched.extend(group.keys)
-            continue
-        if len(group.algorithms) > 1:
-            raise LoraFormatError(
-                f"{stem}: keys of several algorithms ({', '.join(sorted(group.algorithms))}) for one layer."
-            )
-        algorithm = next(iter(group.algorithms))
-        _check_complete(stem, algorithm, group)
-        _check_dtypes(group)
-        chosen = None
-        for part, path in candidates:
-            shape = tuple(targets[part][path])
-            if _fits(algorithm, group.tensors, shape):
-                chosen = part, path, shape
-                break
-        if chosen is None:
-            part, path = candidates[0]
-            shape_errors.append(
-                f"{group.weight_key()} has shape(s) {group.shapes()}, which cannot patch {part} module "
-                f"{path!r} of weight shape {tuple(targets[part][path])}"
-            )
-            continue
-        part, path, shape = chosen
-        if path in patches.get(part, {}):
-            unmatched.extend(group.keys)
-            continue
-        tensors = _normalized(algorithm, group, shape)
-        alpha = _alpha(group, part, stem, path, algorithm, tensors, peft_configs)
-        patches.setdefault(part, {})[path] = LayerPatch(
-            algorithm=algorithm,
-            tensors=tensors,
-            alpha=alpha,
-            rank=_rank(algorithm, tensors),
-            dora_axis=group.dora_axis(shape),
-        )
+        part, path, patch = found
+        patches.setdefault(part, {})[path] = patch
         formats.add(naming)
 
     family = detect_family(state_dict)
@@ -240,6 +189,76 @@ def parse_lora(
         unmatched=tuple(unmatched),
         metadata=metadata,
         embeddings=embeddings,
+    )
+
+
+def _grouped(
+    state_dict: StateDict,
+) -> tuple[dict[str, _Group], dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The file's keys by layer (the key minus its suffix), its bundled embeddings, the other keys."""
+    groups: dict[str, _Group] = {}
+    embeddings: dict[str, dict[str, torch.Tensor]] = {}
+    unmatched: list[str] = []
+    for key, tensor in state_dict.items():
+        if key.startswith("bundle_emb."):
+            _, token, vector = (key.split(".", 2) + [""])[:3]
+            if token and vector:
+                vector = "string_to_param" if vector.startswith("string_to_param") else vector
+                embeddings.setdefault(token, {})[vector] = tensor
+                continue
+        suffix = next((s for s in _SUFFIX_ORDER if key.endswith(s)), None)
+        if suffix is not None:
+            convention, algorithms, name = _SUFFIXES[suffix]
+            groups.setdefault(key[: -len(suffix)], _Group()).add(key, name, tensor, convention, algorithms)
+            continue
+        bad = next((s for s in UNSUPPORTED if key.endswith(s)), None)
+        if bad is None:
+            unmatched.append(key)
+            continue
+        group = groups.setdefault(key[: -len(bad)], _Group())
+        group.unsupported.add(UNSUPPORTED[bad])
+        group.keys.append(key)
+    return groups, embeddings, unmatched
+
+
+def _layer(
+    stem: str, group: _Group, candidates: list[tuple[str, str]], targets: Targets, peft_configs: Mapping
+) -> tuple[str, str, LayerPatch] | str | None:
+    """One layer of the file: (part, module path, patch); a message when its shapes fit no candidate
+    module; None when it holds nothing to apply. Unsupported, mixed or broken layers raise."""
+    if group.unsupported:
+        raise LoraFormatError(
+            f"{stem}: this file uses LyCORIS {', '.join(sorted(group.unsupported))}, which the pack "
+            f"cannot apply (supported: {supported_names()})."
+        )
+    algo = group.algorithm(stem)
+    if algo is None:  # only an alpha, a dora_scale...: nothing to apply
+        return None
+    _check_complete(stem, algo, group)
+    _check_values(group)
+    if not algo.dora and ("dora_scale" in group.tensors or "magnitude" in group.tensors):
+        raise LoraFormatError(f"{group.weight_key()}: DoRA on a {algo.title} layer has no definition.")
+    fitting = [(p, path) for p, path in candidates if _fits(algo, group.tensors, tuple(targets[p][path]))]
+    if not fitting:
+        part, path = candidates[0]
+        return (
+            f"{group.weight_key()} has shape(s) {group.shapes()}, which cannot patch {part} module "
+            f"{path!r} of weight shape {tuple(targets[part][path])}"
+        )
+    part, path = fitting[0]
+    shape = tuple(targets[part][path])
+    tensors = _normalized(algo, group, shape)
+    scale = group.tensors.get("dora_scale")
+    return (
+        part,
+        path,
+        LayerPatch(
+            algorithm=algo.name,
+            tensors=tensors,
+            alpha=_alpha(group, part, stem, path, algo, tensors, peft_configs),
+            rank=algo.rank(tensors),
+            dora_axis=dora_modifier.axis(scale) if scale is not None else 1,
+        ),
     )
 
 
@@ -268,7 +287,7 @@ def detect_family(state_dict: StateDict) -> str | None:
         width = _input_width(key, tensor)
         low = key.replace(".", "_")
         if "attn2_to_k" in low or "attn2_to_v" in low or "attn2_processor_to_k" in low:
-            if width in _CROSS_WIDTH_FAMILY:
+            if width in FAMILY_BY_CROSS_ATTENTION:
                 cross.add(width)
         if key.startswith(("lora_te1_", "lora_te2_", "text_encoder_2.")):
             second_encoder = True
@@ -283,7 +302,7 @@ def detect_family(state_dict: StateDict) -> str | None:
                 sdxl_only = True
     for width in (2048, 1024, 768):
         if width in cross:
-            return _CROSS_WIDTH_FAMILY[width]
+            return FAMILY_BY_CROSS_ATTENTION[width]
     if second_encoder or sgm or sdxl_only:
         return "sdxl"
     if 1024 in text:
@@ -298,7 +317,7 @@ def target_family(targets: Targets) -> str | None:
     unet = targets.get("unet", {})
     for path, shape in unet.items():
         if path.endswith("attn2.to_k") and len(shape) >= 2:
-            return _CROSS_WIDTH_FAMILY.get(int(shape[1]))
+            return FAMILY_BY_CROSS_ATTENTION.get(int(shape[1]))
     return None
 
 
@@ -310,32 +329,40 @@ class _Group:
     keys: list[str] = field(default_factory=list)
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     conventions: set[str] = field(default_factory=set)
-    algorithms: set[str] = field(default_factory=set)
+    owners: list[frozenset] = field(default_factory=list)  # per tensor: the algorithms it can be of
     unsupported: set[str] = field(default_factory=set)
     key_of: dict[str, str] = field(default_factory=dict)
 
-    def add(self, key: str, name: str, tensor: torch.Tensor, convention: str, algorithm: str | None):
+    def add(self, key: str, name: str, tensor: torch.Tensor, convention: str, algorithms: frozenset):
         if name in self.tensors:
             raise LoraFormatError(f"{key}: a second {name!r} tensor for {self.key_of[name]!r}'s layer.")
         self.keys.append(key)
         self.tensors[name] = tensor
         self.key_of[name] = key
-        if algorithm is not None:
-            self.algorithms.add(algorithm)
-        if name not in ("alpha", "dora_scale", "magnitude"):
+        if algorithms:
+            self.owners.append(algorithms)
+        if name not in _MODIFIERS:
             self.conventions.add(convention)
+
+    def algorithm(self, stem: str) -> Algorithm | None:
+        """The one algorithm all of the layer's tensors belong to; None for modifiers alone."""
+        if not self.owners:
+            return None
+        common = frozenset.intersection(*self.owners)
+        if not common:
+            mixed = sorted(frozenset.union(*self.owners))
+            raise LoraFormatError(f"{stem}: keys of several algorithms ({', '.join(mixed)}) for one layer.")
+        claimed = [ALGORITHMS[n] for n in sorted(common) if ALGORITHMS[n].claims(self.tensors)]
+        if len(claimed) != 1:
+            titles = " or ".join(ALGORITHMS[n].title for n in sorted(common))
+            raise LoraFormatError(f"{self.weight_key()}: shape(s) {self.shapes()} are not a {titles} layer.")
+        return claimed[0]
 
     def weight_key(self) -> str:
         return next((k for n, k in self.key_of.items() if n not in ("alpha",)), self.keys[0])
 
     def shapes(self) -> str:
         return ", ".join(f"{n} {tuple(t.shape)}" for n, t in self.tensors.items() if n != "alpha")
-
-    def dora_axis(self, shape: tuple[int, ...]) -> int:
-        scale = self.tensors.get("dora_scale")
-        if scale is not None and scale.dim() >= 2 and scale.shape[0] == 1 and scale.shape[1] != 1:
-            return 0  # LyCORIS wd_on_out=False: [1, in, ...], one norm per input channel
-        return 1
 
 
 _FP8 = tuple(
@@ -345,61 +372,76 @@ _FP8 = tuple(
 )
 
 
-def _check_dtypes(group: _Group) -> None:
+def _check_values(group: _Group) -> None:
     """LoRA tensors must be floating point (fp8 becomes float32, exactly: the CPU has no fp8 matmul);
-    an alpha must be one finite real number. Files holding anything else are broken or not LoRAs."""
+    an alpha must be a real number; every value finite and within MAX_MAGNITUDE. Files holding anything
+    else are broken or not LoRAs. One min/max pass per tensor."""
     for name, t in list(group.tensors.items()):
         key = group.key_of[name]
         if name == "alpha":
-            if t.is_complex() or t.numel() == 0 or not bool(torch.isfinite(t.reshape(-1)[:1].float()).all()):
+            if t.is_complex() or t.numel() == 0:
                 raise LoraFormatError(
                     f"{key}: an alpha must be one finite number (got {t.dtype} {list(t.shape)})."
                 )
+            t = t.detach().float()
         elif t.dtype in _FP8:
-            group.tensors[name] = t.float()
+            t = group.tensors[name] = t.float()
         elif not t.is_floating_point():
             raise LoraFormatError(f"{key} holds {t.dtype} values; LoRA weights are floating-point numbers.")
+        if t.numel() == 0 or t.device.type == "meta":
+            continue
+        low, high = (float(v) for v in torch.aminmax(t.detach()))
+        if not -MAX_MAGNITUDE <= low <= high <= MAX_MAGNITUDE:
+            worst = low if not math.isfinite(low) or abs(low) > abs(high) else high
+            what = "NaN" if math.isnan(worst) else f"{worst:g}"
+            raise LoraFormatError(
+                f"{key} holds {what}; LoRA values must be finite numbers no larger than {MAX_MAGNITUDE:g} "
+                "(the file is damaged)."
+            )
 
 
-def _check_complete(stem: str, algorithm: str, group: _Group) -> None:
+def _check_complete(stem: str, algo: Algorithm, group: _Group) -> None:
     names = set(group.tensors)
-    if not any(set(option) <= names for option in _REQUIRED[algorithm]):
+    if not any(set(option) <= names for option in algo.required):
         raise LoraFormatError(
-            f"{group.weight_key()}: incomplete {algorithm} layer {stem!r} (has {', '.join(sorted(names))})."
+            f"{group.weight_key()}: incomplete {algo.name} layer {stem!r} (has {', '.join(sorted(names))})."
         )
 
 
 # ------------------------------------------------------------------------------ name resolution
 @dataclass
 class _Tables:
-    """Lookup tables from file module names to (part, target module path), built from `targets`."""
+    """Lookup tables from file module names to (part, target module path), built from `targets`.
+    The SGM names are derived only when a UNet name is not a diffusers one."""
 
     dotted: dict[str, dict[str, str]]
     underscore: dict[str, dict[str, str]]
-    sgm_names: set[str]
+    unet_paths: list[str]
+    _sgm: dict[str, str] | None = None
+    _sgm_underscore: dict[str, str] | None = None
 
     @classmethod
     def build(cls, targets: Targets) -> _Tables:
         dotted: dict[str, dict[str, str]] = {}
-        sgm_names: set[str] = set()
         for part in PARTS:
             paths = list(targets.get(part, {}))
             names: dict[str, str] = {}
-            if part == "unet":
-                for sgm, path in _sgm_names(paths).items():
-                    names[sgm] = path
-                    sgm_names.add(sgm.replace(".", "_"))
-                names.update({p: p for p in paths})  # diffusers paths win any clash
-            else:
+            if part != "unet":
                 for path in paths:
                     for alias in _text_aliases(path):
                         names.setdefault(alias, path)
-                names.update({p: p for p in paths})
+            names.update({p: p for p in paths})  # the module's own path wins any clash
             dotted[part] = names
         underscore = {
             part: {n.replace(".", "_"): p for n, p in names.items()} for part, names in dotted.items()
         }
-        return cls(dotted, underscore, sgm_names)
+        return cls(dotted, underscore, list(targets.get("unet", {})))
+
+    def sgm(self, dots: bool) -> dict[str, str]:
+        if self._sgm is None:
+            self._sgm = _sgm_names(self.unet_paths)
+            self._sgm_underscore = {n.replace(".", "_"): p for n, p in self._sgm.items()}
+        return self._sgm if dots else self._sgm_underscore
 
     def resolve(self, stem: str, group: _Group) -> tuple[list[tuple[str, str]], str]:
         """The (part, module path) candidates for a file module name, and its naming convention."""
@@ -407,9 +449,10 @@ class _Tables:
             if stem.startswith(prefix):
                 name = stem[len(prefix) :].rstrip("_")  # TheLastBen's files may end names with "_"
                 path = self.underscore[part].get(name)
-                if path is None:
-                    return [], ""
-                return [(part, path)], "kohya-sgm" if part == "unet" and name in self.sgm_names else "kohya"
+                if path is not None:
+                    return [(part, path)], "kohya"
+                path = self.sgm(dots=False).get(name) if part == "unet" else None
+                return ([(part, path)], "kohya-sgm") if path is not None else ([], "")
         old = "diffusers-old" in group.conventions
         naming = _dotted_naming(group.conventions)
         for prefix, parts in _DOTTED_PREFIXES:
@@ -421,6 +464,8 @@ class _Tables:
             for part in parts:
                 name = _old_processor_name(rest, part) if old else rest
                 path = self.dotted[part].get(name)
+                if path is None and part == "unet":
+                    path = self.sgm(dots=True).get(name)
                 if path is not None:
                     found.append((part, path))
             return found, naming
@@ -453,108 +498,112 @@ def _text_aliases(path: str) -> Iterable[str]:
 
 
 def _sgm_names(paths: list[str]) -> dict[str, str]:
-    """SGM (original Stability UNet) module names of diffusers UNet module paths, via ldm_export."""
-    block = re.compile(r"(down_blocks|up_blocks|mid_block)\.")
-    top = ("time_embedding.", "conv_in", "conv_norm_out", "conv_out", "add_embedding.")
-    keys = {p + ".weight": p for p in paths if block.match(p) or p.startswith(top)}
-    if not keys:
-        return {}
-    try:
-        ldm = unet_to_ldm(keys)  # the values (diffusers paths) are carried through unchanged
-    except (ValueError, KeyError):
-        return {}
-    return {name.removesuffix(".weight"): path for name, path in ldm.items()}
+    """SGM name -> diffusers path for the UNet's modules (see `_SGM_TOP`). A block layout these names
+    cannot describe raises `LoraFormatError` rather than leaving Kohya SDXL keys silently unmatched."""
+    entries, samplers = _sgm_entries(paths)
+    mid_attention = any(p.startswith("mid_block.attentions.") for p in paths)
+    names: dict[str, str] = {}
+    for path in paths:
+        block, mid = _UNET_BLOCK.match(path), _MID_BLOCK.match(path)
+        if path in _SGM_TOP:
+            names[_SGM_TOP[path]] = path
+        elif block:
+            kind, level, child, index, rest = block.groups()
+            if child in ("downsamplers", "upsamplers"):
+                if rest != "conv":
+                    raise _sgm_layout_error(f"{path} is not a sampler's conv")
+                names[samplers[(kind, int(level))]] = path
+            else:
+                sgm_block, first = entries[(kind, int(level))]
+                entry = f"{sgm_block}.{first + int(index)}"
+                if child == "attentions":
+                    names[f"{entry}.1" + (f".{rest}" if rest else "")] = path
+                else:
+                    names[f"{entry}.0" + _resnet_layer(path, rest)] = path
+        elif mid:
+            child, index, rest = mid.groups()
+            if child == "attentions":
+                names["middle_block.1" + (f".{rest}" if rest else "")] = path
+            else:
+                position = 2 * int(index) if mid_attention else int(index)
+                names[f"middle_block.{position}" + _resnet_layer(path, rest)] = path
+    return names
+
+
+def _sgm_entries(
+    paths: list[str],
+) -> tuple[dict[tuple[str, int], tuple[str, int]], dict[tuple[str, int], str]]:
+    """Per down/up level: (input_blocks or output_blocks, the number of its first entry), and its
+    sampler's SGM name. input_blocks.0 is conv_in; a level has one entry per resnet, and its
+    downsampler one more."""
+    levels: dict[tuple[str, int], dict[str, set[int]]] = {}
+    for path in paths:
+        m = _UNET_BLOCK.match(path)
+        if m:
+            levels.setdefault((m.group(1), int(m.group(2))), {}).setdefault(m.group(3), set()).add(
+                int(m.group(4))
+            )
+    entries: dict[tuple[str, int], tuple[str, int]] = {}
+    samplers: dict[tuple[str, int], str] = {}
+    for kind, block, n in (("down_blocks", "input_blocks", 1), ("up_blocks", "output_blocks", 0)):
+        for level in range(sum(1 for k in levels if k[0] == kind)):
+            resnets, attentions, sampler = _sgm_level(levels.get((kind, level)), f"{kind}.{level}")
+            entries[(kind, level)] = (block, n)
+            n += resnets
+            if sampler and kind == "down_blocks":
+                samplers[(kind, level)] = f"{block}.{n}.0.op"
+                n += 1
+            elif sampler:
+                samplers[(kind, level)] = f"{block}.{n - 1}.{2 if attentions else 1}.conv"
+    return entries, samplers
+
+
+def _sgm_level(children: dict[str, set[int]] | None, name: str) -> tuple[int, bool, bool]:
+    """(resnets, has attentions, has a sampler) of one level, checked: resnets 0..n-1, attentions none
+    or beside every resnet, at most sampler 0."""
+    if children is None:
+        raise _sgm_layout_error(f"{name} is missing")
+    resnets = children.get("resnets", set())
+    if not resnets or resnets != set(range(len(resnets))):
+        raise _sgm_layout_error(f"{name} has resnets {sorted(resnets)}")
+    attentions = children.get("attentions", set())
+    if attentions and attentions != resnets:
+        raise _sgm_layout_error(
+            f"{name} has attentions {sorted(attentions)} beside resnets {sorted(resnets)}"
+        )
+    sampler = children.get("downsamplers", set()) | children.get("upsamplers", set())
+    if sampler - {0}:
+        raise _sgm_layout_error(f"{name} has samplers {sorted(sampler)}")
+    return len(resnets), bool(attentions), bool(sampler)
+
+
+def _sgm_layout_error(why: str) -> LoraFormatError:
+    return LoraFormatError(
+        f"The pipeline's UNet has a block layout that SGM names (Kohya SDXL files) cannot describe: {why}."
+    )
+
+
+def _resnet_layer(path: str, rest: str | None) -> str:
+    if rest is None:
+        return ""
+    if rest not in _SGM_RESNET:
+        raise _sgm_layout_error(f"{path} is not a resnet layer SGM names")
+    return "." + _SGM_RESNET[rest]
 
 
 # ------------------------------------------------------------------------------ shapes
-def _fits(algorithm: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
-    """Whether the tensors of `algorithm` can make a delta of the module's weight `shape`. Tensors with
-    too few axes for their role (0-dim, 1-dim factors) do not fit, whatever the file claims."""
-    if any(v.dim() == 0 for n, v in t.items() if n != "alpha"):
+def _fits(algo: Algorithm, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
+    """Whether the layer's tensors can patch a weight of `shape`, modifiers (DoRA) included."""
+    tensors = {n: v for n, v in t.items() if n != "alpha"}
+    if any(v.dim() == 0 for v in tensors.values()) or not algo.fits(tensors, shape):
         return False
-    try:
-        return _fits_shapes(algorithm, t, shape)
-    except IndexError:
-        return False
+    return all(dora_modifier.fits(t[n], shape) for n in ("dora_scale", "magnitude") if n in t)
 
 
-def _fits_shapes(algorithm: str, t: Mapping[str, torch.Tensor], shape: tuple[int, ...]) -> bool:
-    if algorithm == "norm":
-        ok = tuple(t["w_norm"].shape) == shape
-        return ok and ("b_norm" not in t or t["b_norm"].numel() == shape[0])
-    if len(shape) < 2:
-        return False
-    out, in_ch, kernel = shape[0], shape[1], tuple(shape[2:])
-    fan_in = math.prod(shape[1:])
-    if algorithm == "lora":
-        up, down, mid = t["up"], t["down"], t.get("mid")
-        rank = down.shape[0]
-        ok = up.dim() >= 2 and up.shape[0] == out and up.shape[1] == rank and math.prod(up.shape[2:]) == 1
-        if mid is None:
-            ok = ok and down.numel() == rank * fan_in
-        else:
-            ok = ok and down.dim() >= 2 and down.shape[1] == in_ch and tuple(mid.shape[2:]) == kernel
-        ok = ok and ("bias" not in t or t["bias"].numel() == out)
-    elif algorithm == "loha":
-        ok = True
-        for n in ("1", "2"):
-            a, b, core = t[f"w{n}a"], t[f"w{n}b"], t.get(f"t{n}")
-            if core is None:
-                ok = ok and a.dim() == 2 and a.shape[0] == out and b.dim() == 2 and b.shape[1] == fan_in
-            else:
-                ok = ok and a.shape[1] == out and b.shape[1] == in_ch and tuple(core.shape[2:]) == kernel
-    elif algorithm == "lokr":
-        w1 = t.get("w1")
-        a, b = (w1.shape[0], w1.shape[1]) if w1 is not None else (t["w1a"].shape[0], t["w1b"].shape[1])
-        if "w2" in t:
-            c, d = t["w2"].shape[0], math.prod(t["w2"].shape[1:])
-        elif "t2" in t:
-            c, d = t["w2a"].shape[1], t["w2b"].shape[1] * math.prod(t["t2"].shape[2:])
-        else:
-            c, d = t["w2a"].shape[0], t["w2b"].shape[1]
-        ok = a * c == out and b * d == fan_in
-    else:  # full
-        ok = t["diff"].numel() == out * fan_in and t["diff"].shape[0] == out
-        ok = ok and ("diff_b" not in t or t["diff_b"].numel() == out)
-    for name in ("dora_scale", "magnitude"):
-        if name in t and ok:
-            s = t[name]
-            ok = s.numel() == out or (s.dim() >= 2 and s.shape[0] == 1 and s.numel() == in_ch)
-    return ok
-
-
-def _normalized(algorithm: str, group: _Group, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
-    """The patch's tensors under canonical names, 1x1 factors matched to the module's rank of axes."""
-    t = dict(group.tensors)
-    t.pop("alpha", None)
-    ndim = len(shape)
-    if algorithm == "lora" and "mid" not in t and ndim >= 2 and math.prod(shape[2:]) == 1:
-        # A conv 1x1 LoRA on a Linear (or the reverse), as SD1 (conv proj_in) vs SD2/SDXL (linear) files.
-        for name in ("up", "down"):
-            if t[name].dim() != ndim and math.prod(t[name].shape[2:]) == 1:
-                t[name] = t[name].reshape(*t[name].shape[:2], *([1] * (ndim - 2)))
-    if algorithm == "full" and tuple(t["diff"].shape) != shape:
-        t["diff"] = t["diff"].reshape(shape)
-    magnitude = t.pop("magnitude", None)
-    if magnitude is not None:  # PEFT: [out] (Linear) or [1, out, 1, 1] (conv), norm per output row
-        t["dora_scale"] = magnitude.reshape(shape[0], *([1] * (ndim - 1)))
-    elif "dora_scale" in t and t["dora_scale"].dim() != ndim:
-        scale = t["dora_scale"]
-        lead = (shape[0], 1) if scale.shape[0] == shape[0] else (1, shape[1])
-        t["dora_scale"] = scale.reshape(*lead, *([1] * (ndim - 2)))
-    return t
-
-
-def _rank(algorithm: str, t: Mapping[str, torch.Tensor]) -> int | None:
-    if algorithm == "lora":
-        return int(t["down"].shape[0])
-    if algorithm == "loha":
-        return int(t["w1b"].shape[0])
-    if algorithm == "lokr":
-        for name in ("w2b", "w1b"):
-            if name in t:
-                return int(t[name].shape[0])
-    return None  # full matrices: no rank, scale 1
+def _normalized(algo: Algorithm, group: _Group, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """The patch's tensors under canonical names, shaped for the module's weight."""
+    t = {n: v for n, v in group.tensors.items() if n != "alpha"}
+    return dora_modifier.normalized(algo.normalized(t, shape), shape)
 
 
 def _input_width(key: str, tensor: torch.Tensor) -> int | None:
@@ -566,20 +615,29 @@ def _input_width(key: str, tensor: torch.Tensor) -> int | None:
 
 
 # ------------------------------------------------------------------------------ alphas
+# Bounds on the `lora_adapter_metadata` header that real files never meet: diffusers writes a few
+# kilobytes (a per-module pattern for every SDXL layer is about 300 kB), two or three levels of
+# nesting, and small integers.
+_METADATA_MAX_CHARS = 4_000_000
+_METADATA_MAX_DEPTH = 16
+_METADATA_MAX_DIGITS = 30
+_MODULE_NAME = re.compile(r"[\w.\-]{1,1000}")
+
+
 def _alpha(
     group: _Group,
     part: str,
     stem: str,
     path: str,
-    algorithm: str,
+    algo: Algorithm,
     tensors: Mapping[str, torch.Tensor],
     peft_configs: Mapping[str, Mapping],
 ) -> float | None:
     """The layer's alpha: its `.alpha` key, else (diffusers/PEFT files) the adapter metadata, else None."""
-    if "alpha" in group.tensors:  # _check_dtypes made sure it holds a finite real number
+    if "alpha" in group.tensors:  # _check_values made sure it holds finite real numbers
         value = float(group.tensors["alpha"].detach().reshape(-1)[0].float())
         return value or None  # Kohya / LyCORIS: alpha 0 means alpha = rank
-    if algorithm != "lora" or group.conventions - {"peft", "diffusers", "diffusers-old"}:
+    if algo.name != "lora" or group.conventions - {"peft", "diffusers", "diffusers-old"}:
         return None
     file_part = next((p for p in ("unet", "text_encoder_2", "text_encoder") if stem.startswith(p + ".")), "")
     config = peft_configs.get(file_part) or peft_configs.get("") or peft_configs.get(part)
@@ -591,24 +649,33 @@ def _alpha(
     pattern = config.get("alpha_pattern") or {}
     if not isinstance(pattern, dict):
         raise LoraFormatError(f"lora_adapter_metadata: alpha_pattern must be a dict, not {pattern!r:.80}.")
-    for key in pattern:  # peft.utils.other.get_pattern_key
-        try:
-            hit = re.match(rf"(.*\.)?({key})$", module) or re.match(rf"(.*\.)?({key})$", path)
-        except re.error as e:
-            raise LoraFormatError(
-                f"lora_adapter_metadata: alpha_pattern {key!r:.80} is not a pattern: {e}"
-            ) from e
-        if hit:
+    for key in pattern:  # PEFT's get_pattern_key, on the module names diffusers writes
+        if _suffix_match(key, module) or _suffix_match(key, path):
             alpha = pattern[key]
             break
     if alpha is None:
         return None
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise LoraFormatError(f"lora_adapter_metadata: the alpha of {path} is {alpha!r:.80}, not a number.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not abs(alpha) <= MAX_MAGNITUDE:
+        raise LoraFormatError(
+            f"lora_adapter_metadata: the alpha of {path} is {alpha!r:.80}, not a finite number no larger "
+            f"than {MAX_MAGNITUDE:g}."
+        )
     alpha = float(alpha)
-    if config.get("use_rslora"):  # PEFT: scale alpha / sqrt(r); LayerPatch.scale is alpha / rank
-        alpha *= math.sqrt(_rank(algorithm, tensors) or 1)
+    if config.get("use_rslora"):  # PEFT: scale alpha / sqrt(r); the algorithms' scale is alpha / rank
+        alpha *= math.sqrt(algo.rank(tensors) or 1)
     return alpha
+
+
+def _suffix_match(key: object, module: str) -> bool:
+    """Whether a pattern key names `module`: the module's name or a dot-separated end of it. Keys are
+    read as text, never as regular expressions (PEFT's own matcher is a regex built from the key;
+    diffusers writes plain module names)."""
+    if not isinstance(key, str) or not _MODULE_NAME.fullmatch(key):
+        raise LoraFormatError(
+            f"lora_adapter_metadata: alpha_pattern key {key!r:.80} is not a module name (letters, digits, "
+            "'_', '-' and '.'; the pack does not read patterns as regular expressions)."
+        )
+    return module == key or module.endswith("." + key)
 
 
 def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
@@ -616,10 +683,7 @@ def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
-    try:
-        data = json.loads(raw) if isinstance(raw, str) else dict(raw)
-    except (TypeError, ValueError) as e:
-        raise LoraFormatError(f"Unreadable lora_adapter_metadata in the file header: {e}") from e
+    data = _json_field("lora_adapter_metadata", raw)
     if not isinstance(data, dict):
         raise LoraFormatError(
             f"Unreadable lora_adapter_metadata in the file header: {raw!r:.80} is not a dict."
@@ -629,3 +693,52 @@ def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
         part = next((p for p in ("unet", "text_encoder_2", "text_encoder") if key.startswith(p + ".")), "")
         configs.setdefault(part, {})[key[len(part) + 1 :] if part else key] = value
     return configs
+
+
+def _json_field(name: str, raw) -> object:
+    """A JSON header field, parsed within bounds real files never meet (size, nesting, integer digits,
+    no NaN/Infinity); anything else is a LoraFormatError naming the field."""
+
+    def refuse(why: str) -> LoraFormatError:
+        return LoraFormatError(f"Unreadable {name} in the file header: {why}.")
+
+    def integer(text: str) -> int:
+        if len(text.lstrip("-")) > _METADATA_MAX_DIGITS:
+            raise refuse(f"an integer of {len(text)} digits")
+        return int(text)
+
+    def constant(text: str):
+        raise refuse(f"{text} is not a number")
+
+    if not isinstance(raw, str):
+        try:
+            raw = json.dumps(raw)
+        except (TypeError, ValueError, RecursionError) as e:
+            raise refuse(f"not JSON data ({type(e).__name__})") from None
+    if len(raw) > _METADATA_MAX_CHARS:
+        raise refuse(f"{len(raw)} characters, more than the {_METADATA_MAX_CHARS} allowed")
+    too_deep = refuse(f"nested more than {_METADATA_MAX_DEPTH} levels deep")
+    try:
+        data = json.loads(raw, parse_int=integer, parse_constant=constant)
+    except RecursionError:
+        raise too_deep from None
+    except LoraFormatError:
+        raise
+    except ValueError as e:
+        raise refuse(str(e)[:200]) from None
+    if _depth(data) > _METADATA_MAX_DEPTH:
+        raise too_deep
+    return data
+
+
+def _depth(value: object) -> int:
+    """How deeply JSON data nests lists and dicts (iteratively: the data may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return deepest

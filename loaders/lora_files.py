@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 
 from ..converters.block_scales import parse_block_scales
 from ..converters.embeddings import parse_embedding
 from ..converters.families import FAMILY_NAMES
+from ..converters.lora_algorithms import label
+from ..converters.lora_form import LoraFile, LoraFormatError
 from ..converters.lora_keys import check_family, parse_lora
-from ..converters.lora_patch import LoraFile, LoraFormatError
 from ..converters.training_metadata import summarize
 from .base_models import BaseModel
 from .lora_patcher import LORA, LoraSpec
@@ -116,14 +117,16 @@ def export_peft(lora: LoraFile, targets: dict, out_path: Path) -> list[str]:
 
 
 def describe(lora: LoraFile, name: str) -> str:
-    """The node's report: format, family, ranks, alphas, layers per part, unmatched keys."""
+    """The node's report: format, family, per part the layers by algorithm (LoRA, LoCon convolutions,
+    LoHa, LoKr, OFT, ..., Tucker and DoRA variants named), ranks, alphas; unmatched keys; metadata."""
     lines = [f"{name}: {lora.format} format, {FAMILY_NAMES.get(lora.family, 'family not stated')}"]
     for part, patches in lora.patches.items():
-        algos = sorted({p.algorithm for p in patches.values()})
+        kinds = Counter(label(p) for p in patches.values())
+        kinds_text = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items()))
         ranks = sorted({p.rank for p in patches.values() if p.rank})
         alphas = sorted({p.alpha for p in patches.values() if p.alpha is not None})
         lines.append(
-            f"{part}: {len(patches)} layers ({', '.join(algos)}), rank {_span(ranks)}, alpha {_span(alphas)}"
+            f"{part}: {len(patches)} layers ({kinds_text}), rank {_span(ranks)}, alpha {_span(alphas)}"
         )
     if lora.embeddings:
         lines.append(f"bundled embeddings: {', '.join(lora.embeddings)}")

@@ -16,8 +16,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..converters.lora_math import bias_delta, merged_weight, plain_lora_factors
-from ..converters.lora_patch import LoraFile
+from ..converters.lora_algorithms import bias_delta, merge_layer
+from ..converters.lora_form import LoraFile
 from .base_models import BaseModel
 from .pipeline_handle import KeyedSpec
 from .pipeline_layout import pipeline_parts
@@ -103,11 +103,6 @@ def _write(
     here = backup["weight"].device == device
     part, path = key
     patches = [(spec.lora.patches[part][path], strength) for spec, strength in contribution]
-    bias = backup["bias"].to(device, torch.float32) if "bias" in backup else None
-    for patch, strength in patches:
-        db = bias_delta(patch, device)
-        if db is not None and bias is not None:
-            bias = bias + strength * db
     # A module that already holds a merged tensor of the pack's own (strength change, one LoRA of
     # several added or removed) is rewritten in place: fresh memory costs more than the merge itself.
     in_place = not here or weight_param.data_ptr() != backup["weight"].data_ptr()
@@ -115,11 +110,30 @@ def _write(
     weight = _merged(backup["weight"].to(device), patches, device, out)
     if not in_place:
         weight_param.data = weight
-    if bias is not None:
+    if "bias" in backup:
+        _write_bias(module, backup["bias"], patches, device, here)
+
+
+def _write_bias(module: torch.nn.Module, original: torch.Tensor, patches: list, device, here: bool) -> None:
+    """The bias: original + the patches' bias deltas when some patch has one; else the original tensor
+    itself stays (or goes back), so that a layer whose bias no patch changes keeps its tensor."""
+    deltas = [
+        (delta, strength) for patch, strength in patches if (delta := bias_delta(patch, device)) is not None
+    ]
+    if not deltas:
         if here:
-            module.bias.data = bias.to(module.bias.dtype)
+            if module.bias.data_ptr() != original.data_ptr():
+                module.bias.data = original
         else:
-            module.bias.data.copy_(bias)
+            module.bias.data.copy_(original)
+        return
+    bias = original.to(device, torch.float32)
+    for delta, strength in deltas:
+        bias = bias + strength * delta
+    if here:
+        module.bias.data = bias.to(original.dtype)
+    else:
+        module.bias.data.copy_(bias)
 
 
 def move_backups_to_cpu(base: BaseModel) -> None:
@@ -161,42 +175,9 @@ def _merged(
     original: torch.Tensor, patches: list, device: torch.device, out: torch.Tensor | None
 ) -> torch.Tensor:
     """original + each patch at its strength, computed in float32, in the weight's dtype on `device`;
-    written into `out` when given (which may be `original`'s own memory: it is read first)."""
-    if device.type == "cpu":
-        factors = [plain_lora_factors(p, original.shape, s, device) for p, s in patches]
-        if all(f is not None for f in factors) and (out is None or out.data_ptr() != original.data_ptr()):
-            return _plain_cpu_merge(original, factors, out)
-    weight = original.to(device, torch.float32)
-    for patch, strength in patches:
-        weight = merged_weight(weight, patch, strength)
-    if out is None:
-        return weight.to(original.dtype)
-    return out.copy_(weight)
-
-
-_ROWS_BLOCK_ELEMENTS = 1 << 18  # fp32 elements per block of rows: 1 MiB, stays in cache
-
-
-def _plain_cpu_merge(original: torch.Tensor, factors: list, out: torch.Tensor | None) -> torch.Tensor:
-    """Plain LoRA layers on the CPU: one `addmm` per LoRA into the 2-D view of the weight. fp16/bf16
-    weights accumulate in fp32 one block of rows at a time, writing the result in the weight's
-    dtype: full-size fp32 temporaries would cost more than the arithmetic (page faults)."""
-    src = original.reshape(original.shape[0], -1)
-    result = torch.empty_like(original) if out is None else out
-    dst = result.view(src.shape)
-    if original.dtype == torch.float32:
-        (up, down, alpha), rest = factors[0], factors[1:]
-        torch.addmm(src, up, down, alpha=alpha, out=dst)
-        for up, down, alpha in rest:
-            dst.addmm_(up, down, alpha=alpha)
-        return result
-    step = max(1, _ROWS_BLOCK_ELEMENTS // src.shape[1])
-    for i in range(0, src.shape[0], step):
-        acc = src[i : i + step].to(torch.float32)
-        for up, down, alpha in factors:
-            acc.addmm_(up[i : i + step], down, alpha=alpha)
-        dst[i : i + step] = acc
-    return result
+    written into `out` when given (which may be `original`'s own memory: it is read first). The
+    arithmetic is converters/lora_algorithms/merge.py; this name is where tests inject faults."""
+    return merge_layer(original.to(device), patches, out)
 
 
 class LoraKind:

@@ -7,7 +7,7 @@ import torch
 from lora_files import fresh_handle, lora_modules, write_kohya
 from safetensors.torch import save_file
 
-from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
+from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.loaders import lora_files
 from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle, materialized
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA, UnloadLoRA
@@ -249,3 +249,37 @@ def test_low_precision_merge_matches_the_math_to_rounding(models_root, dtype):
             assert torch.equal(module.weight, want.to(DTYPES[dtype])) or torch.allclose(
                 module.weight.float(), want, rtol=1e-2, atol=1e-3
             ), path
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_biases_no_patch_changes_keep_their_tensor(models_root, dtype):
+    """A merged layer whose bias no patch changes keeps its bias tensor itself (no identical copy, in
+    any dtype); a bias delta (LyCORIS full diff_b) gives a new one, and removal the original back."""
+    write_kohya(models_root, "style.safetensors", te=False)
+    handle = fresh_handle(dtype=DTYPES[dtype])
+    biased = {p: m for p, m in lora_modules(handle.base.pipe.unet).items() if m.bias is not None}
+    originals = {p: m.bias.detach().clone() for p, m in biased.items()}
+    pointers = {p: m.bias.data_ptr() for p, m in biased.items()}
+    with materialized(load(handle, "style.safetensors", 0.8)[0]):
+        assert all(biased[p].bias.data_ptr() == pointers[p] for p in biased)
+    # a full diff with a bias delta on one layer, beside the LoRA: only that layer's bias changes
+    path = next(p for p in biased if p.endswith("proj_in"))
+    stem = "lora_unet_" + path.replace(".", "_")
+    weight = biased[path].weight
+    diff = {
+        f"{stem}.diff": torch.randn(weight.shape) * 0.01,
+        f"{stem}.diff_b": torch.randn(weight.shape[0]) * 0.01,
+    }
+    save_file(diff, str(models_root / "loras" / "diff.safetensors"))
+    both = load(load(handle, "style.safetensors", 0.8)[0], "diff.safetensors", 1.0)[0]
+    with materialized(both):
+        assert biased[path].bias.data_ptr() != pointers[path]
+        torch.testing.assert_close(
+            biased[path].bias.float(),
+            (originals[path].float() + diff[f"{stem}.diff_b"]),
+            rtol=1e-2,
+            atol=1e-3,
+        )
+        assert all(biased[p].bias.data_ptr() == pointers[p] for p in biased if p != path)
+    with materialized(handle):
+        assert all(biased[p].bias is not None and biased[p].bias.data_ptr() == pointers[p] for p in biased)

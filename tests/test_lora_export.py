@@ -29,6 +29,7 @@ from test_lora_references import (  # noqa: F401  (fresh_caches: an autouse fixt
     write_peft,
 )
 
+from comfyui_diffusers_adapters.converters.lora_algorithms import merged_weight, weight_delta
 from comfyui_diffusers_adapters.converters.lora_export import (
     DROPPED_KEY,
     METADATA_KEY,
@@ -36,9 +37,8 @@ from comfyui_diffusers_adapters.converters.lora_export import (
     LoraExportWarning,
     to_peft_state_dict,
 )
+from comfyui_diffusers_adapters.converters.lora_form import LayerPatch, LoraFile
 from comfyui_diffusers_adapters.converters.lora_keys import parse_lora
-from comfyui_diffusers_adapters.converters.lora_math import merged_weight, weight_delta
-from comfyui_diffusers_adapters.converters.lora_patch import LayerPatch, LoraFile
 from comfyui_diffusers_adapters.loaders.lora_files import read_lora
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 

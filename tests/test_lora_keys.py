@@ -18,6 +18,7 @@ from diffusers.loaders.lora_conversion_utils import (
     _convert_non_diffusers_lora_to_diffusers,
     _maybe_map_sgm_blocks_to_diffusers,
 )
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_state_dict_to_diffusers
 from lora_files import (
     full_size,
@@ -31,14 +32,15 @@ from lora_files import (
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 
+from comfyui_diffusers_adapters.converters.lora_algorithms import merged_weight, scale
+from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.converters.lora_keys import (
+    _sgm_names,
     check_family,
     detect_family,
     parse_lora,
     target_family,
 )
-from comfyui_diffusers_adapters.converters.lora_math import merged_weight
-from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
 from testlib import tiny_pipeline
 
 
@@ -171,6 +173,41 @@ def test_sgm_mapping_agrees_with_diffusers_own_converter():
         assert theirs.patches["unet"][path].tensors["down"] is patch.tensors["down"]
 
 
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_sgm_names_are_the_checkpoint_names(family):
+    """The SGM names lora_keys derives from the module paths are the original checkpoints' names:
+    diffusers' single-file converter (convert_ldm_unet_checkpoint, separate code) takes a checkpoint
+    written under them back to every parameter of the full-size UNet."""
+    unet = full_size(family)["unet"]
+    names = _sgm_names(list(module_targets(unet)))
+    by_path = {path: name for name, path in names.items()}
+    params = dict(unet.named_parameters())
+    checkpoint = {}
+    for key, tensor in params.items():
+        path, _, leaf = key.rpartition(".")
+        checkpoint[f"model.diffusion_model.{by_path[path]}.{leaf}"] = tensor
+    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
+    assert set(converted) == set(params)
+    assert all(converted[k] is params[k] for k in params)
+
+
+def test_unexpected_unet_layout_is_an_error_not_unmatched_keys():
+    """SGM names number the UNet's blocks from its layout; a layout they cannot describe (here a down
+    level without its first resnet) is a clear error, not a file whose keys all match nothing."""
+    models = full_size("sdxl")
+    targets = _targets(models)
+    sd = kohya_lora(models["unet"], "lora_unet_", sdxl_sgm_name, only=lambda p: p.endswith("attn2.to_k"))
+    broken = dict(targets)
+    broken["unet"] = {
+        p: s for p, s in targets["unet"].items() if not p.startswith("down_blocks.1.resnets.0.")
+    }
+    with pytest.raises(LoraFormatError, match=r"block layout.*down_blocks\.1 has resnets \[1\]"):
+        parse_lora(sd, broken)
+    # a UNet layout without blocks has no SGM names: its keys are unmatched, nothing to complain about
+    flat = {"unet": {"conv_in": targets["unet"]["conv_in"]}}
+    assert len(parse_lora(sd, flat).unmatched) == len(sd)
+
+
 def test_thelastben_sdxl_layout():
     """TheLastBen's SDXL trainer works on the diffusers UNet: Kohya prefixes with diffusers module
     paths (the SD1 spelling) on an SDXL model; some of his files end names with "_"."""
@@ -266,7 +303,7 @@ def test_diffusers_save_format_with_alpha_pattern_matches_diffusers_scales(tmp_p
     }
     assert set(scalings) == set(lora.patches["unet"])
     for path, patch in lora.patches["unet"].items():
-        assert patch.scale == pytest.approx(scalings[path]), path
+        assert scale(patch) == pytest.approx(scalings[path]), path
     assert {p.alpha for p in lora.patches["unet"].values()} == {8.0, 2.0, 3.0}
     assert lora.patches["unet"]["down_blocks.0.attentions.0.proj_in"].rank == 2
 
@@ -305,7 +342,7 @@ def test_peft_model_files_with_base_model_prefix_and_no_prefix(tmp_path):
     lora = parse_lora(te_sd, targets)
     assert lora.unmatched == () and set(lora.patches) == {"text_encoder"}
     assert lora.layer_count("text_encoder") == 2 * len(pipe.text_encoder.encoder.layers)
-    assert all(p.alpha is None and p.scale == 1.0 for p in lora.patches["text_encoder"].values())
+    assert all(p.alpha is None and scale(p) == 1.0 for p in lora.patches["text_encoder"].values())
 
     # diffusers' model-level save: unprefixed keys, unprefixed LoraConfig metadata
     plain = _peft_unet("sd1", LoraConfig(r=4, lora_alpha=2, use_rslora=True, target_modules=["to_v"]))
@@ -314,7 +351,7 @@ def test_peft_model_files_with_base_model_prefix_and_no_prefix(tmp_path):
     assert next(iter(sd)).startswith("down_blocks.")
     lora = parse_lora(sd, targets, metadata)
     assert lora.unmatched == ()
-    assert all(p.scale == pytest.approx(2 / math.sqrt(4)) for p in lora.patches["unet"].values())  # rsLoRA
+    assert all(scale(p) == pytest.approx(2 / math.sqrt(4)) for p in lora.patches["unet"].values())  # rsLoRA
 
 
 @pytest.mark.filterwarnings("ignore:.*LoRA tensor\\(s\\) have invalid shape")  # peft on 1-D lora_B.bias
@@ -347,7 +384,7 @@ def test_alpha_keys_beside_peft_names():
         f"unet.{path}.alpha": torch.tensor(1.0),
     }
     lora = parse_lora(sd, pipeline_targets(pipe))
-    assert lora.patches["unet"][path].scale == 0.25
+    assert scale(lora.patches["unet"][path]) == 0.25
 
 
 def test_old_diffusers_names_from_diffusers_converter_and_by_hand():
@@ -423,6 +460,9 @@ def _lycoris(tmp_path, algo, **kwargs):
         ("lokr", {"factor": 4}, {"w1", "w2a", "w2b"}),
         ("lokr", {"factor": 4, "full_matrix": True}, {"w1", "w2"}),
         ("full", {}, {"diff", "diff_b"}),
+        ("diag-oft", {"rescaled": True, "constraint": 1e-3}, {"blocks", "rescale"}),
+        ("boft", {}, {"blocks"}),
+        ("glora", {}, {"a1", "a2", "b1", "b2"}),
     ],
 )
 def test_lycoris_files(tmp_path, algo, kwargs, tensors):
@@ -433,13 +473,15 @@ def test_lycoris_files(tmp_path, algo, kwargs, tensors):
     assert lora.unmatched == ()
     assert lora.format == "kohya"
     assert sum(lora.layer_count(p) for p in lora.patches) == len({k.split(".")[0] for k in sd})
-    name_of = {"locon": "lora"}
+    name_of = {"locon": "lora", "diag-oft": "oft"}
     seen = set()
     for part, patches in lora.patches.items():
         for path, patch in patches.items():
             assert patch.algorithm == name_of.get(algo, algo)
             seen |= set(patch.tensors)
             assert set(patch.tensors) <= tensors | {"up", "down", "w1", "w2", "w2a", "w2b", "w1a", "w1b"}
+            if algo == "diag-oft":  # the constraint is kept as the alpha
+                assert patch.alpha == pytest.approx(1e-3)
             if algo == "locon":  # LyCORIS: k x k convs use conv_alpha 1, linear (and 1x1) layers alpha 2
                 shape = pipeline_targets(pipe)[part][path]
                 assert patch.alpha == (1.0 if shape[2:] not in ((), (1, 1)) else 2.0)
@@ -465,7 +507,7 @@ def test_lycoris_dora_norm_and_in_axis(tmp_path):
 # ---------------------------------------------------------------- DoRA axis: PEFT vs LyCORIS
 def test_dora_axis_peft_magnitude_is_lycoris_default_axis():
     """PEFT's lora_magnitude_vector ([out], conv [1, out, 1, 1]) is the norm of each output row,
-    LyCORIS's default dora_scale [out, 1]: both dora_axis 1; PEFT's merge equals lora_math's."""
+    LyCORIS's default dora_scale [out, 1]: both dora_axis 1; PEFT's merge equals lora_algorithms'."""
     config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["to_q", "conv1"])
     unet = _peft_unet("sd1", config)
     sd = get_peft_model_state_dict(unet)
@@ -566,7 +608,9 @@ def test_unsupported_and_incomplete_layers_raise():
     pipe = tiny_pipeline("sd1")
     targets = pipeline_targets(pipe)
     stem = "lora_unet_mid_block_attentions_0_proj_in"
-    with pytest.raises(LoraFormatError, match="OFT"):
-        parse_lora({f"{stem}.oft_blocks": torch.zeros(4, 8, 8)}, targets)
+    # what is still unsupported is refused by name (OFT, BOFT and GLoRA are applied now)
+    for suffix, name in ((".on_input", "IA"), (".lambda_layer", "T-LoRA"), (".lokr_t1", "Tucker w1")):
+        with pytest.raises(LoraFormatError, match=rf"{name}.*which the pack cannot apply.*OFT, BOFT, GLoRA"):
+            parse_lora({f"{stem}{suffix}": torch.zeros(4, 8, 8)}, targets)
     with pytest.raises(LoraFormatError, match="incomplete lora"):
         parse_lora({f"{stem}.lora_up.weight": torch.zeros(64, 4, 1, 1)}, targets)

@@ -9,7 +9,9 @@
 - lycoris-lora's applied network, for every LyCORIS algorithm: the network is created with
   `lycoris.kohya.create_network` on a copy of the tiny pipeline, its parameters randomised, applied,
   and saved with `save_weights` (a real LyCORIS file). Reference: the hooked UNet's and text
-  encoders' outputs at multiplier 1.0 and 0.6; pack: LoadLoRA on the file, same inputs.
+  encoders' outputs at multiplier 1.0 and 0.6; pack: LoadLoRA on the file, same inputs. For the
+  algorithms whose change depends on the weight (OFT, BOFT, GLoRA) every patched weight is also
+  compared with the weight LyCORIS's forward uses (its modules' get_merged_weight), within 1e-6.
 
 After each comparison, UnloadLoRA restores every weight bit-exactly. Run with `-s` to see the
 measured errors.
@@ -263,6 +265,11 @@ LYCORIS_KEYS = {
     "lokr-dora": {"dora_scale", "lokr_w1"},
     "locon-dora-input-axis": {"dora_scale"},
     "locon-norm": {"w_norm", "b_norm"},
+    "diag-oft": {"oft_blocks", "alpha"},
+    "diag-oft-rescaled-constrained": {"oft_blocks", "rescale", "alpha"},
+    "boft": {"oft_blocks", "alpha"},
+    "boft-rescaled-constrained": {"oft_blocks", "rescale", "alpha"},
+    "glora": {"a1.weight", "a2.weight", "b1.weight", "b2.weight", "alpha"},
 }
 LYCORIS_CASES = {
     "locon": ("locon", {}),
@@ -278,7 +285,16 @@ LYCORIS_CASES = {
     "lokr-dora": ("lokr", {"factor": 4, "dora_wd": True}),
     "locon-dora-input-axis": ("locon", {"dora_wd": True, "wd_on_output": False}),
     "locon-norm": ("locon", {"train_norm": True}),
+    "diag-oft": ("diag-oft", {}),
+    "diag-oft-rescaled-constrained": ("diag-oft", {"rescaled": True, "constraint": 1e-4}),
+    "boft": ("boft", {}),
+    "boft-rescaled-constrained": ("boft", {"rescaled": True, "constraint": 1e-4}),
+    "glora": ("glora", {}),
 }
+# Algorithms whose merged weights are also compared one by one with LyCORIS's (module.get_merged_weight:
+# for these the weight its forward applies; FACTS of the LoCon family: only the forward is reliable).
+WEIGHT_CHECKED = {"diag-oft", "boft", "glora"}
+WEIGHT_RTOL = 1e-6
 
 
 def lycoris_network(tmp_path, family: str, case: str):
@@ -317,6 +333,8 @@ def lycoris_network(tmp_path, family: str, case: str):
             for name, param in module.named_parameters():
                 if name.endswith("dora_scale"):
                     param.mul_(1 + 0.1 * torch.randn_like(param))
+                elif name.endswith("rescale"):  # OFT / BOFT row scales, 1 when untrained
+                    param.copy_(1 + 0.1 * torch.randn_like(param))
                 elif isinstance(module, FullModule):  # holds the whole weight after apply_to
                     param.add_(torch.randn_like(param) * 0.05)
                 else:  # ups are zero-initialised
@@ -356,10 +374,31 @@ def test_lycoris_file_matches_the_lycoris_network(models_root, tmp_path, family,
         lora_handle = load(handle, name, strength)
         with materialized(lora_handle) as pipe:
             got = outputs(pipe, x)
+            if LYCORIS_CASES[case][0] in WEIGHT_CHECKED:
+                errors[f"weights@{strength}"] = lycoris_weight_error(pipe, reference, network, strength)
         errors.update({f"{k}@{strength}": v for k, v in output_errors(got, want).items()})
     assert_removed_exactly(handle, lora_handle, before)
     print(f"\n{family} {case}: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
-    assert max(errors.values()) <= OUTPUT_RTOL, errors
+    assert max(v for k, v in errors.items() if not k.startswith("weights")) <= OUTPUT_RTOL, errors
+    assert max((v for k, v in errors.items() if k.startswith("weights")), default=0.0) <= WEIGHT_RTOL, errors
+
+
+def lycoris_weight_error(pipe, reference, network, strength: float) -> float:
+    """Over every LyCORIS module: the pack's merged weight against the module's own merged weight at
+    `strength`, relative to that weight's largest value; the worst."""
+    where = {
+        id(m): (part, path)
+        for part, model in parts_of(reference).items()
+        for path, m in model.named_modules()
+    }
+    worst = 0.0
+    with torch.no_grad():
+        for module in network.loras:
+            part, path = where[id(module.org_module[0])]
+            want = module.get_merged_weight(multiplier=strength)[0].float()
+            got = getattr(pipe, part).get_submodule(path).weight.float()
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    return worst
 
 
 @pytest.mark.xfail(
@@ -375,3 +414,28 @@ def test_lycoris_rs_lora_full_matrix_lokr_layers(models_root, tmp_path, monkeypa
     with materialized(load(fresh_handle("sd1"), name, 1.0)) as pipe:
         errors = output_errors(outputs(pipe, x), outputs(reference, x))
     assert max(errors.values()) <= OUTPUT_RTOL, errors
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["loha", "lokr-tucker", "locon-tucker", "loha-dora", "diag-oft-rescaled-constrained", "boft", "glora"],
+)
+def test_lycoris_strength_changes_give_the_bits_of_a_fresh_apply(models_root, tmp_path, case):
+    """Every algorithm's merge is deterministic: a strength change rewritten in place, and a second
+    LyCORIS file stacked on it, give the bits of the same LoRAs applied to an untouched pipeline; removal
+    gives the original (what the patcher's exact rollback rests on)."""
+    name, _, _ = write_lycoris(models_root, tmp_path, "sd1", case)
+    other, _, _ = write_lycoris(models_root, tmp_path, "sd1", "lokr", name="other.safetensors")
+    handle = fresh_handle("sd1")
+    before = snapshot(handle.base.pipe)
+    for strength, second in ((1.0, 0.0), (0.3, 0.0), (-0.5, 0.7), (0.3, 0.7)):
+        target = load(handle, name, strength)
+        if second:
+            target = LoadLoRA().load(target, other, second, second, "unet and text encoders", "")["result"][0]
+        with materialized(target) as pipe:
+            changed = snapshot(pipe)
+        with materialized(PipelineHandle(fresh_handle("sd1").base, target.adapters)) as pipe:
+            want = snapshot(pipe)
+        for part, state in want.items():
+            assert all(torch.equal(changed[part][k], v) for k, v in state.items()), (case, strength, part)
+    assert_removed_exactly(handle, target, before)

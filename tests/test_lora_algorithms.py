@@ -1,4 +1,4 @@
-"""converters/lora_math against an independent reference: lycoris-lora 4.1.3's own modules.
+"""converters/lora_algorithms against an independent reference: lycoris-lora 4.1.3's own modules.
 
 Each case wraps a small layer in a LyCORIS module (LoCon, LoHa, LoKr, full, norm, DoRA), fills every
 parameter with random values, reads the module's state dict under its real key names, turns it into a
@@ -15,15 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from comfyui_diffusers_adapters.converters.lora_math import (
+from comfyui_diffusers_adapters.converters.lora_algorithms import (
     bias_delta,
-    full_delta,
-    lokr_delta,
-    lora_delta,
     merged_weight,
+    scale,
     weight_delta,
 )
-from comfyui_diffusers_adapters.converters.lora_patch import LayerPatch, LoraFormatError
+from comfyui_diffusers_adapters.converters.lora_form import LayerPatch, LoraFormatError
 
 MULTIPLIERS = (1.0, 0.5, -0.7)
 
@@ -183,7 +181,7 @@ LORA_KEYS = {"lora_up.weight", "lora_down.weight", "alpha"}
 @pytest.mark.parametrize("alpha", [4, 1.5, 8])
 def test_locon(kind, alpha):
     patch = assert_matches_lycoris("lora", kind, lora_dim=4, alpha=alpha, expect=LORA_KEYS)
-    assert patch.scale == pytest.approx(alpha / 4)
+    assert scale(patch) == pytest.approx(alpha / 4)
 
 
 def test_locon_tucker():
@@ -210,7 +208,7 @@ def test_alpha_zero_means_rank():
     assert lycoris.LoConModule("t", make_layer("linear"), lora_dim=4, alpha=0).scale == 1.0
     up, down = torch.randn(24, 4), torch.randn(4, 16)
     for alpha in (0, None, 4):
-        delta = lora_delta(LayerPatch("lora", {"up": up, "down": down}, alpha=alpha, rank=4), (24, 16))
+        delta = weight_delta(LayerPatch("lora", {"up": up, "down": down}, alpha=alpha, rank=4), (24, 16))
         torch.testing.assert_close(delta, up @ down)
 
 
@@ -292,7 +290,8 @@ def test_lokr_full_matrix_ignores_alpha():
         )
     module.apply_to()
     patch = LayerPatch("lokr", {"w1": w1, "w2": w2}, alpha=7.0, rank=None)
-    torch.testing.assert_close(lokr_delta(patch, (24, 16)), torch.kron(w1, w2))
+    torch.testing.assert_close(weight_delta(patch, (24, 16)), torch.kron(w1, w2))
+    assert scale(patch) == 1.0  # one definition of the scale: a full-matrix LoKr ignores alpha
     x = make_input("linear")
     with torch.no_grad():
         torch.testing.assert_close(patched_copy(base, patch, 1.0)(x), wrapped(x), rtol=1e-5, atol=1e-5)
@@ -311,7 +310,7 @@ def test_full_without_bias():
     diff = torch.randn(24, 16)
     patch = LayerPatch("full", {"diff": diff})
     assert bias_delta(patch) is None
-    torch.testing.assert_close(full_delta(patch, (24, 16)), diff)
+    torch.testing.assert_close(weight_delta(patch, (24, 16)), diff)
 
 
 @pytest.mark.parametrize("kind", ["layernorm", "groupnorm"])
@@ -470,7 +469,7 @@ def test_2d_lora_on_1x1_conv_and_4d_on_linear():
         ),
         (LayerPatch("full", {"diff": torch.randn(24, 15)}), (24, 16), "layer's weight"),
         (LayerPatch("norm", {"w_norm": torch.randn(12)}), (16,), "layer's weight"),
-        (LayerPatch("oft", {"x": torch.randn(1)}), (24, 16), "unknown LoRA algorithm"),
+        (LayerPatch("ia3", {"x": torch.randn(1)}), (24, 16), "unknown LoRA algorithm"),
     ],
 )
 def test_shape_errors(patch, shape, match):
@@ -497,3 +496,96 @@ def test_two_bias_deltas_is_an_error():
     )
     with pytest.raises(LoraFormatError, match="two bias"):
         bias_delta(patch)
+
+
+# --- the merge by blocks (merge.py) ------------------------------------------------------------------
+
+
+def _examples() -> dict[str, tuple[LayerPatch, tuple[int, ...]]]:
+    """One patch of every algorithm (DoRA on both axes too) for a conv 3x3 or its norm layer."""
+    g = torch.Generator().manual_seed(5)
+
+    def r(*shape, std=0.1):
+        return torch.randn(*shape, generator=g) * std
+
+    conv = (24, 16, 3, 3)
+    return {
+        "lora": (LayerPatch("lora", {"up": r(24, 4, 1, 1), "down": r(4, 16, 3, 3)}, alpha=2), conv),
+        "lora-tucker": (
+            LayerPatch("lora", {"up": r(24, 4, 1, 1), "down": r(4, 16, 1, 1), "mid": r(4, 4, 3, 3)}, alpha=2),
+            conv,
+        ),
+        "loha": (
+            LayerPatch("loha", {"w1a": r(24, 4), "w1b": r(4, 144), "w2a": r(24, 4), "w2b": r(4, 144)}),
+            conv,
+        ),
+        "lokr": (LayerPatch("lokr", {"w1": r(4, 4), "w2a": r(6, 2), "w2b": r(2, 36)}, alpha=1), conv),
+        "full": (LayerPatch("full", {"diff": r(*conv, std=0.01).half()}), conv),
+        "norm": (LayerPatch("norm", {"w_norm": r(24)}), (24,)),
+        "dora": (
+            LayerPatch(
+                "lora", {"up": r(24, 4, 1, 1), "down": r(4, 16, 3, 3), "dora_scale": r(24, 1, 1, 1) + 2}
+            ),
+            conv,
+        ),
+        "dora-input-axis": (
+            LayerPatch(
+                "loha",
+                {
+                    "w1a": r(24, 4),
+                    "w1b": r(4, 144),
+                    "w2a": r(24, 4),
+                    "w2b": r(4, 144),
+                    "dora_scale": r(1, 16, 1, 1) + 2,
+                },
+                dora_axis=0,
+            ),
+            conv,
+        ),
+        "oft": (LayerPatch("oft", {"blocks": r(6, 4, 4), "rescale": r(24, 1, 1, 1) + 1}), conv),
+        "boft": (LayerPatch("boft", {"blocks": r(2, 6, 4, 4)}), conv),
+        "glora": (
+            LayerPatch(
+                "glora",
+                {"a1": r(16, 4, 1, 1), "a2": r(4, 16, 1, 1), "b1": r(24, 4, 1, 1), "b2": r(4, 16, 3, 3)},
+            ),
+            conv,
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_examples()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_by_blocks_is_the_whole_merge_rounded_once(name, dtype, monkeypatch):
+    """merge_layer() (blocks of rows, the result written once in the weight's dtype) against
+    merged_weight (the whole float32 weight): the same to float32 rounding, then one rounding to the
+    dtype; the same bits whether it writes into new memory or into a tensor it had (the patcher's exact
+    rollback rests on that); stacked patches apply in order."""
+    from comfyui_diffusers_adapters.converters.lora_algorithms import merge as merge_module
+    from comfyui_diffusers_adapters.converters.lora_algorithms.merge import merge_layer as merge
+
+    patch, shape = _examples()[name]
+    base = torch.randn(shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    other, _ = _examples()["loha" if len(shape) > 1 else "norm"]
+    for patches in ([(patch, 0.7)], [(other, -0.4), (patch, 0.7)]):
+        want = base.float()
+        for p, s in patches:
+            want = merged_weight(want, p, s)
+        fresh = merge(base, patches)
+        assert fresh.dtype == dtype
+        _assert_rounded_once(fresh, want, name)
+        into = torch.full_like(base, 7.0)
+        assert torch.equal(merge(base, patches, out=into), fresh) and torch.equal(into, fresh)
+        assert torch.equal(merge(base, patches), fresh)
+        # blocks of a few rows (the groups of OFT, BOFT, LoKr kept whole): the same merge
+        monkeypatch.setattr(merge_module, "_BLOCK_ELEMENTS", 64)
+        _assert_rounded_once(merge(base, patches), want, name)
+        monkeypatch.undo()
+
+
+def _assert_rounded_once(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    else:  # at most one unit in the last place of the dtype off the float32 result, rounded once
+        ulp = (want.abs() * torch.finfo(got.dtype).eps).clamp(min=torch.finfo(got.dtype).tiny)
+        assert bool(((got.float() - want).abs() <= ulp).all()), name

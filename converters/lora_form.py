@@ -1,0 +1,55 @@
+"""The canonical form every LoRA-family file is converted to.
+
+A file becomes, per part of the pipeline ("unet", "text_encoder", "text_encoder_2"), a mapping of
+diffusers module paths to one `LayerPatch`: which algorithm, its tensors, alpha and rank. Reading the
+trainers' key names into this form is `lora_keys`; what each algorithm's tensors mean (their delta,
+their scale, their merge) is `lora_algorithms/<algorithm>.py`; the patcher (loaders/) merges them into
+the weights. Converters never touch modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+class LoraFormatError(ValueError):
+    """A LoRA-family file that cannot be used: unknown layout, wrong family, inconsistent shapes."""
+
+
+@dataclass(frozen=True, eq=False)
+class LayerPatch:
+    """One layer's adapter, in the trainer's own tensors (nothing is multiplied out yet).
+
+    `algorithm` names a module of `converters/lora_algorithms/` ("lora", "loha", "lokr", "full",
+    "norm", "oft", "boft", "glora"), which lists the tensor names it takes (LyCORIS's names). Any
+    algorithm may add "bias" (a bias delta); those that allow it, "dora_scale" (DoRA, see
+    lora_algorithms/dora.py). `alpha` is the file's alpha as stored (None: none stored, or 0): the
+    algorithm module says what it means (alpha / rank for the low-rank ones, a constraint for OFT).
+    `rank` is read off the tensors when the file is parsed.
+    """
+
+    algorithm: str
+    tensors: Mapping[str, torch.Tensor]
+    alpha: float | None = None
+    rank: int | None = None
+    dora_axis: int = 1  # axis of the weight that dora_scale normalizes over (1: LyCORIS/Kohya [out, 1])
+
+
+@dataclass(frozen=True, eq=False)
+class LoraFile:
+    """A parsed LoRA-family file in canonical form."""
+
+    patches: Mapping[str, Mapping[str, LayerPatch]]  # part -> module path -> patch
+    format: str  # "kohya", "kohya-sgm", "peft", "diffusers-old", "lycoris", ...
+    family: str | None = None  # "sd1" | "sd2" | "sdxl" when the keys tell
+    unmatched: tuple[str, ...] = ()  # file keys that map to no module
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    embeddings: Mapping[str, Mapping[str, torch.Tensor]] = field(default_factory=dict)  # bundle_emb
+
+    def layer_count(self, part: str) -> int:
+        return len(self.patches.get(part, {}))
