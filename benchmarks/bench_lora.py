@@ -1054,7 +1054,7 @@ def report(results: list[dict]) -> list[tuple[str, bool, str]]:
             good = [v for k, v in by_module.items() if k not in bad]
             print(
                 f"{tag:5s}   diffusers' merge is off the reference on {len(bad)} of {len(by_module)} "
-                "checked modules (per-module alphas on attention projections, FACTS.md): "
+                "checked modules (per-module alphas on attention projections, ARCHITECTURE.md): "
                 + ", ".join(f"{k.rsplit('.', 2)[-2]}.{k.rsplit('.', 2)[-1]} {v:.1e}" for k, v in bad.items())
                 + (f"; the other {len(good)} agree to {max(good):.1e}" if good else "")
                 + ". Same amount of work either way, so the times compare."

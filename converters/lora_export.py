@@ -7,7 +7,7 @@ header whose `lora_adapter_metadata` JSON holds one LoraConfig per prefix (`unet
 `unet.lora_alpha`, `unet.rank_pattern`, `unet.alpha_pattern`, `unet.target_modules`, ...). diffusers
 builds each part's `LoraConfig` from that header, so per-module ranks and alphas load exactly (a Kohya
 file's per-module `.alpha` keys do not: diffusers gives attention and text-encoder layers the majority
-alpha, see shared/FACTS.md).
+alpha, see ARCHITECTURE.md, "Why the pack merges LoRAs itself").
 
 Text-encoder keys are written with transformers' `text_model.` level (`text_encoder.text_model.
 encoder.layers.0.self_attn.q_proj.lora_A.weight`): diffusers strips it for transformers 5's flat

@@ -30,8 +30,8 @@ from ..converters.ip_adapter_files import (
     faceid_lora_state_dict,
     state_dict_for_diffusers,
 )
+from ..converters.lora_form import LoraFile, LoraFormatError
 from ..converters.lora_keys import parse_lora
-from ..converters.lora_patch import LoraFile, LoraFormatError
 from .base_models import BaseModel
 from .image_encoders import image_processor
 from .lora_patcher import LoraSpec

@@ -1,7 +1,8 @@
 """The pack's own LoRA patcher: merges LoRA-family patches into weights, restores them bit-exactly.
 
 Why not diffusers' loader: it refuses LoHa/LoKr/Tucker, ignores per-module alphas on attention,
-scales only attention blocks and does not restore weights exactly (shared/FACTS.md).
+scales only attention blocks and does not restore weights exactly (measured: ARCHITECTURE.md,
+"Why the pack merges LoRAs itself").
 
 For every module that some wanted LoRA touches, the new weight is computed from a backup of the
 original weight (taken once; see `_write`): W = backup, then each LoRA in order at its strength.

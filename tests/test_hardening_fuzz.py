@@ -23,8 +23,8 @@ from comfyui_diffusers_adapters.converters.ip_adapter_files import (
     parse_ip_adapter,
     state_dict_for_diffusers,
 )
+from comfyui_diffusers_adapters.converters.lora_form import LoraFile, LoraFormatError
 from comfyui_diffusers_adapters.converters.lora_keys import parse_lora
-from comfyui_diffusers_adapters.converters.lora_patch import LoraFile, LoraFormatError
 from comfyui_diffusers_adapters.converters.training_metadata import summarize
 from comfyui_diffusers_adapters.loaders.lora_files import describe
 from comfyui_diffusers_adapters.loaders.lora_patcher import LoraSpec

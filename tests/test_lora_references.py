@@ -3,7 +3,7 @@
 - diffusers' own loader, for the formats it loads correctly: PEFT files written by
   `save_lora_weights` (alpha != rank, alpha_pattern, rank_pattern, conv layers, text encoders) and a
   Kohya-named SD1 file (one alpha for all layers: diffusers gives attention and text-encoder layers
-  the majority alpha, FACTS.md). Reference: `load_lora_weights` + `fuse_lora(lora_scale=s)` on a copy
+  the majority alpha, ARCHITECTURE.md). Reference: `load_lora_weights` + `fuse_lora(lora_scale=s)` on a copy
   of the tiny pipeline; every weight of the UNet and text encoders is compared, then UNet and text
   encoder outputs and a sampled image.
 - lycoris-lora's applied network, for every LyCORIS algorithm: the network is created with
@@ -245,7 +245,7 @@ def test_kohya_sd1_file_matches_diffusers_fuse_lora(models_root):
 
 
 # ------------------------------------------------------------------ LyCORIS (lycoris-lora 4.1.3)
-# The default preset names TimestepEmbedding twice (FACTS.md): target its linears by name instead.
+# The default preset names TimestepEmbedding twice (lycoris-lora 4.1.3): target its linears by name instead.
 LYCORIS_PRESET = """enable_conv = true
 unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
 unet_target_name = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"]
@@ -292,7 +292,7 @@ LYCORIS_CASES = {
     "glora": ("glora", {}),
 }
 # Algorithms whose merged weights are also compared one by one with LyCORIS's (module.get_merged_weight:
-# for these the weight its forward applies; FACTS of the LoCon family: only the forward is reliable).
+# for these the weight its forward applies; for the LoCon family only the forward is reliable).
 WEIGHT_CHECKED = {"diag-oft", "boft", "glora"}
 WEIGHT_RTOL = 1e-6
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from lora_files import fresh_handle, write_kohya
 
-from comfyui_diffusers_adapters.converters.lora_patch import LoraFormatError
+from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.loaders import lora_files
 
 
