@@ -7,9 +7,10 @@ from ..loaders.ip_adapter_specs import COMBINE_EMBEDS, FACEID_V2, IPAdapterInput
 from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
-from .common import CATEGORY, FACEID, PIPELINE
+from .common import CATEGORY, FACEID, PIPELINE, checks_numbers
 
 
+@checks_numbers
 class ApplyIPAdapter:
     DESCRIPTION = (
         "Adds an IP-Adapter from models/ipadapter (SD1.5 base/light/Plus/Plus Face/Full Face, SDXL and SDXL "

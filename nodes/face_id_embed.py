@@ -13,7 +13,7 @@ from ..loaders.face_analysis import (
     load_face_analysis,
 )
 from . import comfy_host
-from .common import CATEGORY, FACEID
+from .common import CATEGORY, FACEID, checks_numbers
 
 MODELS_SUBFOLDER = "models"  # insightface's layout: <insightface folder>/models/<name>/*.onnx
 
@@ -32,9 +32,10 @@ def insightface_models() -> list[str]:
 
 def _model_dir(name: str) -> Path:
     """The model folder `models/<name>` inside the insightface model folders (never outside them)."""
-    return comfy_host.resolve_model_path("insightface", f"{MODELS_SUBFOLDER}/{name}", want_dir=True)
+    return comfy_host.resolve_model_path("insightface", name, want_dir=True, subfolder=MODELS_SUBFOLDER)
 
 
+@checks_numbers
 class FaceIDEmbed:
     DESCRIPTION = (
         "Finds the face in each image with insightface (models/insightface/models/<name>, e.g. buffalo_l "
@@ -97,7 +98,8 @@ class FaceIDEmbed:
         try:
             model_dir = _model_dir(insightface_model)
         except FileNotFoundError:
-            expected = comfy_host.folder_roots("insightface")[0] / MODELS_SUBFOLDER / insightface_model
+            name = comfy_host.clean_model_name(insightface_model)  # checked above: a relative name
+            expected = comfy_host.folder_roots("insightface")[0] / MODELS_SUBFOLDER / name
             raise FaceAnalysisError(
                 f"The insightface model folder {expected} was not found. Put the {insightface_model} .onnx "
                 "files there (models/insightface/models/<name>/, as ComfyUI_IPAdapter_plus expects)."

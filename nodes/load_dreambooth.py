@@ -7,7 +7,7 @@ from pathlib import Path
 from ..loaders.base_models import PREDICTIONS, load_base_model, resolve_device
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
-from .common import CATEGORY, PIPELINE
+from .common import CATEGORY, PIPELINE, checks_numbers
 
 DIFFUSERS_PREFIX = "[diffusers] "
 
@@ -24,6 +24,7 @@ def resolve_checkpoint(name: str) -> Path:
     return comfy_host.resolve_model_path("checkpoints", name)
 
 
+@checks_numbers
 class LoadDreamBooth:
     DESCRIPTION = (
         "Loads a Stable Diffusion 1.x, 2.x or SDXL checkpoint (a base model or a DreamBooth fine-tune) as a "

@@ -6,7 +6,7 @@ from ..loaders.lora_files import export_lora, with_lora, without_loras
 from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
-from .common import CATEGORY, PIPELINE
+from .common import CATEGORY, PIPELINE, checks_numbers
 
 APPLY_TO = {
     "unet and text encoders": ("unet", "text_encoder", "text_encoder_2"),
@@ -16,6 +16,7 @@ APPLY_TO = {
 STRENGTH = {"default": 1.0, "min": -20.0, "max": 20.0, "step": 0.01}
 
 
+@checks_numbers
 class LoadLoRA:
     DESCRIPTION = (
         "Adds a LoRA to the pipeline: diffusers/PEFT, Kohya/A1111/Civitai, TheLastBen and LyCORIS "
@@ -87,6 +88,7 @@ class LoadLoRA:
         return {"ui": {"text": [info]}, "result": (handle, info)}
 
 
+@checks_numbers
 class UnloadLoRA:
     DESCRIPTION = (
         "Returns the pipeline without any of its LoRAs and the embeddings bundled in them (the weights go "
@@ -106,6 +108,7 @@ class UnloadLoRA:
         return (without_loras(pipeline),)
 
 
+@checks_numbers
 class ExportLoRA:
     DESCRIPTION = (
         "Writes a LoRA from models/loras (any supported format: Kohya, LyCORIS LoHa/LoKr, ...) as a "

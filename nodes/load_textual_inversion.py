@@ -6,9 +6,10 @@ from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
 from ..loaders.textual_inversion import with_embedding
 from . import comfy_host
-from .common import CATEGORY, PIPELINE
+from .common import CATEGORY, PIPELINE, checks_numbers
 
 
+@checks_numbers
 class LoadTextualInversion:
     DESCRIPTION = (
         "Adds a textual inversion embedding from models/embeddings (diffusers learned_embeds, A1111 .pt or "

@@ -9,11 +9,12 @@ from ..loaders.sampling import SamplingSettings, latent_preview, run
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
 from ..loaders.textual_inversion import with_prompt_embeddings
 from . import comfy_host
-from .common import CATEGORY, PIPELINE
+from .common import CATEGORY, PIPELINE, checks_numbers
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 
+@checks_numbers
 class Sampler:
     DESCRIPTION = (
         "Samples images from a pipeline socket with its adapters applied. Prompts use ComfyUI's syntax: "
