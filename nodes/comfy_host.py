@@ -8,12 +8,13 @@ names, a text progress bar and an interrupt flag. Nothing else in the pack impor
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 try:  # ComfyUI present: these modules are already imported by the host process.
     import comfy.model_management as _mm
@@ -35,6 +36,14 @@ MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 # NAME_MAX and PATH_MAX of common file systems: longer names are refused before the OS sees them.
 MAX_COMPONENT_BYTES = 255
 MAX_NAME_BYTES = 4096
+# Folder listings (they run whenever ComfyUI builds the node inputs) and the link check of a model
+# folder stop here: a large LoRA collection has thousands of files a few levels deep, a diffusers
+# folder a few dozen; a link loop or a stranger's folder of millions of files must not stall validation.
+MAX_LISTED_ENTRIES = 200_000
+MAX_LISTING_DEPTH = 32
+MAX_FOLDER_FILES = 10_000
+
+log = logging.getLogger(__name__)
 
 
 class ModelPathError(ValueError):
@@ -79,13 +88,47 @@ def folder_roots(folder: str) -> list[Path]:
     return [root / folder]
 
 
+def _walk_model_folder(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(root, followlinks=True)` that cannot hang: links are followed (ComfyUI users link model
+    folders together), but every real directory is entered once (by its device and inode, so a link
+    loop is a dead end), at most MAX_LISTING_DEPTH levels down and MAX_LISTED_ENTRIES entries in all.
+    Unreadable folders and dangling or looping links are skipped, as os.walk skips them."""
+    seen: set[tuple[int, int]] = set()
+    try:
+        st = root.stat()
+    except OSError:
+        return
+    seen.add((st.st_dev, st.st_ino))
+    budget = MAX_LISTED_ENTRIES
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        depth = len(Path(dirpath).relative_to(root).parts)
+        budget -= len(dirnames) + len(filenames)
+        if budget < 0:
+            log.warning("%s: more than %d entries; the listing stops there.", root, MAX_LISTED_ENTRIES)
+            del filenames[max(len(filenames) + budget, 0) :]
+            dirnames[:] = []
+            yield dirpath, dirnames, filenames
+            return
+        keep = []
+        for d in dirnames:
+            try:
+                st = os.stat(os.path.join(dirpath, d))
+            except OSError:  # a dangling or looping link
+                continue
+            if (st.st_dev, st.st_ino) not in seen and depth < MAX_LISTING_DEPTH:
+                seen.add((st.st_dev, st.st_ino))
+                keep.append(d)
+        dirnames[:] = keep
+        yield dirpath, dirnames, filenames
+
+
 def list_model_files(folder: str, extensions: tuple[str, ...] = MODEL_EXTENSIONS) -> list[str]:
     """Relative names (forward slashes) of the files in a model folder, subfolders included."""
     names: set[str] = set()
     for root in folder_roots(folder):
         if not root.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in _walk_model_folder(root):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for f in filenames:
                 if f.lower().endswith(extensions):
@@ -99,7 +142,7 @@ def list_model_dirs(folder: str, marker: str) -> list[str]:
     for root in folder_roots(folder):
         if not root.is_dir():
             continue
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        for dirpath, dirnames, filenames in _walk_model_folder(root):
             if marker in filenames:
                 names.add(Path(dirpath).relative_to(root).as_posix())
                 dirnames[:] = []
@@ -139,16 +182,50 @@ def _clean_name(name: str) -> str:
     return clean
 
 
-def resolve_model_path(folder: str, name: str, want_dir: bool = False) -> Path:
-    """The full path of `name` inside the model folder `folder`.
+def clean_model_name(name: str) -> str:
+    """The one check of every file or folder name a workflow gives (see `_clean_name`)."""
+    return _clean_name(name)
 
-    Refuses anything that could reach outside the model folders: absolute paths, `..`, NUL
-    bytes, over-long names, and symlinks whose target leaves the folder (`ModelPathError`).
+
+def _inside(path: str | os.PathLike, real_root: Path) -> bool:
+    real = Path(os.path.realpath(path))
+    return real == real_root or real_root in real.parents
+
+
+def _check_links_inside(top: Path, real_root: Path, name: str) -> None:
+    """Every file and folder under the model folder `top` must resolve inside `real_root`: diffusers
+    and insightface open the files inside by themselves, following any link."""
+    count = 0
+    for dirpath, dirnames, filenames in _walk_model_folder(top):
+        for entry in (*dirnames, *filenames):
+            count += 1
+            if count > MAX_FOLDER_FILES:
+                raise ModelPathError(
+                    f"Refused {name!r}: it holds more than {MAX_FOLDER_FILES} files; a model folder has a "
+                    "few dozen."
+                )
+            path = os.path.join(dirpath, entry)
+            if not _inside(path, real_root):
+                shown = Path(path).relative_to(top).as_posix()
+                raise ModelPathError(
+                    f"Refused {name!r}: {shown} in it is a link that leads outside {real_root}. Copy the "
+                    "file into the model folder instead."
+                )
+
+
+def resolve_model_path(folder: str, name: str, want_dir: bool = False, subfolder: str = "") -> Path:
+    """The full path of `name` inside the model folder `folder` (in its `subfolder`, a fixed name
+    of the pack such as insightface's "models", when given).
+
+    Every file-name input of every node comes here. Refuses anything that could reach outside the
+    model folders: absolute paths, `..`, NUL bytes, over-long names, and symlinks whose target leaves
+    the folder (`ModelPathError`); for a folder (want_dir), also any link inside it that leaves.
     """
     clean = _clean_name(name)
+    relative = f"{subfolder}/{clean}" if subfolder else clean
     roots = folder_roots(folder)
     for root in roots:
-        candidate = root / clean
+        candidate = root / relative
         try:
             found = candidate.is_dir() if want_dir else candidate.is_file()
         except OSError as e:  # e.g. the whole path exceeds PATH_MAX under a deep root
@@ -158,11 +235,13 @@ def resolve_model_path(folder: str, name: str, want_dir: bool = False) -> Path:
         real_root, real = root.resolve(), candidate.resolve()
         if real != real_root and real_root not in real.parents:
             raise ModelPathError(f"Refused {name!r}: it is a link that leads outside {root}.")
+        if want_dir:
+            _check_links_inside(real, real_root, name)
         return real
     kind = "folder" if want_dir else "file"
-    where = ", ".join(str(r) for r in roots)
+    where = ", ".join(str(r / relative) for r in roots)
     raise FileNotFoundError(
-        f"The {kind} {name!r} was not found in the '{folder}' model folder ({where}). "
+        f"The {kind} {name!r} was not found in the '{folder}' model folder (looked for {where}). "
         f"Put it there, or pick one of the listed names."
     )
 

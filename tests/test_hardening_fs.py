@@ -1,0 +1,156 @@
+"""The file system as a stranger arranges it: link loops in model folders, diffusers and insightface
+folders whose files link outside, and every file-name input through the one name check."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from comfyui_diffusers_adapters.loaders import base_models
+from comfyui_diffusers_adapters.nodes import comfy_host
+from comfyui_diffusers_adapters.nodes.face_id_embed import FaceIDEmbed
+from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth
+from testlib import tiny_pipeline
+
+
+def _touch(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"x": torch.zeros(1)}, str(path))
+
+
+def test_a_link_loop_is_listed_once(models_root):
+    loras = models_root / "loras"
+    _touch(loras / "x.safetensors")
+    _touch(loras / "sub" / "y.safetensors")
+    (loras / "sub" / "again").symlink_to(loras, target_is_directory=True)  # a loop back to the root
+    assert comfy_host.list_model_files("loras") == ["sub/y.safetensors", "x.safetensors"]
+
+
+def test_branching_link_loops_finish(models_root):
+    """Two loops at every level: followed blindly, 2**40 paths before the kernel's ELOOP."""
+    loras = models_root / "loras"
+    _touch(loras / "x.safetensors")
+    for name in ("a", "b"):
+        (loras / name).symlink_to(loras, target_is_directory=True)
+    (models_root / "diffusers" / "m").mkdir()
+    (models_root / "diffusers" / "m" / "model_index.json").write_text("{}")
+    for name in ("a", "b"):
+        (models_root / "diffusers" / "m" / name).symlink_to(models_root / "diffusers", True)
+    assert comfy_host.list_model_files("loras") == ["x.safetensors"]
+    assert comfy_host.list_model_dirs("diffusers", "model_index.json") == ["m"]
+    assert "[diffusers] m" in LoadDreamBooth.INPUT_TYPES()["required"]["checkpoint"][0]
+
+
+def test_a_self_link_and_a_dangling_link_are_skipped(models_root):
+    loras = models_root / "loras"
+    _touch(loras / "x.safetensors")
+    os.symlink("self", loras / "self")  # ELOOP when followed
+    os.symlink(models_root / "nowhere", loras / "dangling")
+    assert comfy_host.list_model_files("loras") == ["x.safetensors"]
+
+
+def test_listing_is_bounded(models_root, monkeypatch):
+    monkeypatch.setattr(comfy_host, "MAX_LISTED_ENTRIES", 50)
+    for i in range(80):
+        (models_root / "loras" / f"f{i:03}.safetensors").write_bytes(b"")
+    listed = comfy_host.list_model_files("loras")
+    assert 0 < len(listed) <= 50
+
+
+def test_deep_folders_are_bounded(models_root, monkeypatch):
+    monkeypatch.setattr(comfy_host, "MAX_LISTING_DEPTH", 3)
+    deep = models_root / "loras" / "a" / "b" / "c" / "d" / "e"
+    _touch(deep / "x.safetensors")
+    _touch(models_root / "loras" / "a" / "y.safetensors")
+    assert comfy_host.list_model_files("loras") == ["a/y.safetensors"]
+
+
+# ---------------------------------------------------------------- diffusers folders
+@pytest.fixture
+def diffusers_folder(models_root):
+    base_models.clear_cache()
+    folder = models_root / "diffusers" / "tiny"
+    tiny_pipeline("sd1").save_pretrained(folder)
+    yield folder
+    base_models.clear_cache()
+
+
+def _load(name):
+    return LoadDreamBooth().load("[diffusers] " + name, dtype="fp32", device="cpu")
+
+
+def test_a_diffusers_folder_whose_weights_link_outside_is_refused(diffusers_folder, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    weights = next((diffusers_folder / "unet").glob("diffusion_pytorch_model.*"))
+    moved = outside / weights.name
+    weights.rename(moved)
+    weights.symlink_to(moved)  # a real, valid weights file: only the link check can stop it
+    with pytest.raises(comfy_host.ModelPathError, match="outside") as err:
+        _load("tiny")
+    assert f"unet/{weights.name}" in str(err.value)
+
+
+def test_a_diffusers_folder_whose_subfolder_links_outside_is_refused(diffusers_folder, tmp_path):
+    outside = tmp_path / "outside_vae"
+    (diffusers_folder / "vae").rename(outside)
+    (diffusers_folder / "vae").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(comfy_host.ModelPathError, match="vae.*outside"):
+        _load("tiny")
+
+
+def test_a_diffusers_folder_with_links_inside_loads(diffusers_folder, models_root):
+    # control: links that stay inside the model folder are fine (shared weights between folders)
+    shared = models_root / "diffusers" / "shared_vae"
+    (diffusers_folder / "vae").rename(shared)
+    (diffusers_folder / "vae").symlink_to(shared, target_is_directory=True)
+    assert _load("tiny")["result"][0].base.family == "sd1"
+
+
+def test_a_link_loop_inside_a_diffusers_folder_does_not_hang(diffusers_folder):
+    (diffusers_folder / "unet" / "loop").symlink_to(diffusers_folder, target_is_directory=True)
+    assert _load("tiny")["result"][0].base.family == "sd1"
+
+
+# ---------------------------------------------------------------- insightface model folders
+HOSTILE = {
+    "absolute": "/etc",
+    "dotdot": "../../checkpoints",
+    "backslash-dotdot": "..\\..\\x",
+    "empty": "",
+    "drive": "C:\\x",
+}
+
+
+def _image():
+    return torch.rand(1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
+def test_insightface_model_names_go_through_the_name_check(models_root, case):
+    with pytest.raises(comfy_host.ModelPathError, match="Refused|No file name"):
+        FaceIDEmbed().embed(_image(), HOSTILE[case], "CPU")
+
+
+def test_a_missing_insightface_model_names_the_right_folder(models_root):
+    with pytest.raises(Exception) as err:
+        FaceIDEmbed().embed(_image(), "sub\\buffalo_l", "CPU")
+    expected = models_root / "insightface" / "models" / "sub" / "buffalo_l"
+    assert str(expected) in str(err.value)
+
+
+def test_insightface_model_files_linking_outside_are_refused(models_root, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "det.onnx").write_bytes(b"onnx")
+    folder = models_root / "insightface" / "models" / "buffalo_l"
+    folder.mkdir(parents=True)
+    (folder / "det.onnx").symlink_to(outside / "det.onnx")
+    with pytest.raises(comfy_host.ModelPathError, match="det.onnx.*outside"):
+        FaceIDEmbed().embed(_image(), "buffalo_l", "CPU")
+    (models_root / "insightface" / "models" / "linked").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(comfy_host.ModelPathError, match="outside"):
+        FaceIDEmbed().embed(_image(), "linked", "CPU")
