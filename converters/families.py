@@ -4,6 +4,10 @@ from __future__ import annotations
 
 FAMILY_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL"}
 
+# The pipeline parts adapters patch, by their diffusers attribute names (SD1.x/SD2.x have no second
+# text encoder).
+PARTS = ("unet", "text_encoder", "text_encoder_2")
+
 # Width of the text embedding a UNet's cross-attention reads (its to_k / to_v input): CLIP-L,
 # OpenCLIP-H, CLIP-L + OpenCLIP-bigG side by side. Adapter files that touch cross-attention tell
 # their family by it.

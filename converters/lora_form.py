@@ -14,8 +14,6 @@ from typing import Mapping
 
 import torch
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
-
 
 class LoraFormatError(ValueError):
     """A LoRA-family file that cannot be used: unknown layout, wrong family, inconsistent shapes."""

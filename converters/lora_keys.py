@@ -35,10 +35,10 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
+from .families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES, PARTS
 from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, supported_names
 from .lora_algorithms import dora as dora_modifier
-from .lora_form import PARTS, LayerPatch, LoraFile, LoraFormatError
+from .lora_form import LayerPatch, LoraFile, LoraFormatError
 
 StateDict = Mapping[str, torch.Tensor]
 Targets = Mapping[str, Mapping[str, tuple[int, ...]]]

@@ -17,8 +17,8 @@ from typing import Any, Mapping
 
 import torch
 
-# The parts of a Stable Diffusion pipeline that adapters patch, in the order they are reported.
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+from ..converters.families import PARTS
+
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
 Shapes = Mapping[str, tuple[int, ...]]
