@@ -36,6 +36,7 @@ from typing import Iterable, Mapping
 import torch
 
 from .families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES, PARTS
+from .json_text import JsonTextError, parse_bounded_json
 from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, supported_names
 from .lora_algorithms import dora as dora_modifier
 from .lora_form import LayerPatch, LoraFile, LoraFormatError
@@ -615,12 +616,9 @@ def _input_width(key: str, tensor: torch.Tensor) -> int | None:
 
 
 # ------------------------------------------------------------------------------ alphas
-# Bounds on the `lora_adapter_metadata` header that real files never meet: diffusers writes a few
-# kilobytes (a per-module pattern for every SDXL layer is about 300 kB), two or three levels of
-# nesting, and small integers.
-_METADATA_MAX_CHARS = 4_000_000
-_METADATA_MAX_DEPTH = 16
-_METADATA_MAX_DIGITS = 30
+# The `lora_adapter_metadata` header is parsed within converters/json_text.py's bounds: diffusers
+# writes a few kilobytes (a per-module pattern for every SDXL layer is about 300 kB), two or three
+# levels of nesting, and small integers.
 _MODULE_NAME = re.compile(r"[\w.\-]{1,1000}")
 
 
@@ -696,49 +694,15 @@ def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
 
 
 def _json_field(name: str, raw) -> object:
-    """A JSON header field, parsed within bounds real files never meet (size, nesting, integer digits,
-    no NaN/Infinity); anything else is a LoraFormatError naming the field."""
-
-    def refuse(why: str) -> LoraFormatError:
-        return LoraFormatError(f"Unreadable {name} in the file header: {why}.")
-
-    def integer(text: str) -> int:
-        if len(text.lstrip("-")) > _METADATA_MAX_DIGITS:
-            raise refuse(f"an integer of {len(text)} digits")
-        return int(text)
-
-    def constant(text: str):
-        raise refuse(f"{text} is not a number")
-
+    """A JSON header field, parsed within the bounds of converters/json_text.py (size, nesting, integer
+    digits, finite numbers); anything else is a LoraFormatError naming the field."""
     if not isinstance(raw, str):
         try:
             raw = json.dumps(raw)
         except (TypeError, ValueError, RecursionError) as e:
-            raise refuse(f"not JSON data ({type(e).__name__})") from None
-    if len(raw) > _METADATA_MAX_CHARS:
-        raise refuse(f"{len(raw)} characters, more than the {_METADATA_MAX_CHARS} allowed")
-    too_deep = refuse(f"nested more than {_METADATA_MAX_DEPTH} levels deep")
+            why = f"not JSON data ({type(e).__name__})"
+            raise LoraFormatError(f"Unreadable {name} in the file header: {why}.") from None
     try:
-        data = json.loads(raw, parse_int=integer, parse_constant=constant)
-    except RecursionError:
-        raise too_deep from None
-    except LoraFormatError:
-        raise
-    except ValueError as e:
-        raise refuse(str(e)[:200]) from None
-    if _depth(data) > _METADATA_MAX_DEPTH:
-        raise too_deep
-    return data
-
-
-def _depth(value: object) -> int:
-    """How deeply JSON data nests lists and dicts (iteratively: the data may be deep)."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        value, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            stack.extend((v, depth + 1) for v in value)
-    return deepest
+        return parse_bounded_json(raw, f"{name} in the file header")
+    except JsonTextError as e:
+        raise LoraFormatError(str(e)) from None
