@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .images import as_rgb_images
+
 PROVIDERS = ("auto", "CUDA", "CPU")
 # Detection sizes tried in turn, as ComfyUI_IPAdapter_plus does: SCRFD misses faces that fill most
 # of the frame at 640 px and often finds them at a smaller size.
@@ -184,7 +186,8 @@ def analyze_faces(
     """The largest face of each image of a ComfyUI IMAGE batch [n, H, W, 3]: its normed embedding and its
     aligned crop. Detection is retried at smaller sizes; an image without a face raises
     FaceAnalysisError naming it (1-based)."""
-    pixels = (images.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    images = as_rgb_images(images, "image")  # no-op after the node; loaders callers get the same check
+    pixels = (images.cpu() * 255).round().to(torch.uint8).numpy()
     embeddings, raw, crops = [], [], []
     with analyzer.lock:
         for i, rgb in enumerate(pixels):

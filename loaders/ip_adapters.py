@@ -163,7 +163,10 @@ def encode_images(
             _embeds_cache.move_to_end(key)
             return _embeds_cache[key]
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    processed = image_processor(encoder.config.image_size)(list(pixels), return_tensors="pt").pixel_values
+    # channels_last: the processor would otherwise guess channels-first for a 1x1 or 3x3 image
+    processed = image_processor(encoder.config.image_size)(
+        list(pixels), return_tensors="pt", input_data_format="channels_last"
+    ).pixel_values
     param = next(encoder.parameters())
     processed = processed.to(param.device, param.dtype)
     with torch.no_grad():

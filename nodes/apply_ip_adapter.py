@@ -3,6 +3,7 @@ IP-Adapter."""
 
 from __future__ import annotations
 
+from ..loaders.images import as_rgb_images
 from ..loaders.ip_adapter_specs import COMBINE_EMBEDS, FACEID_V2, IPAdapterInputs, with_ip_adapter
 from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
@@ -168,7 +169,7 @@ class ApplyIPAdapter:
             adapter_name=ipadapter,
             encoder_path=lambda: comfy_host.resolve_model_path("clip_vision", clip_vision),
             encoder_name=clip_vision,
-            image=image,
+            image=None if image is None else as_rgb_images(image, "image"),
             faceid=faceid,
             scale=scale,
             start_at=start_at,

@@ -12,6 +12,7 @@ from ..loaders.face_analysis import (
     analyze_faces,
     load_face_analysis,
 )
+from ..loaders.images import as_rgb_images
 from . import comfy_host
 from .common import CATEGORY, FACEID, checks_numbers
 
@@ -95,6 +96,7 @@ class FaceIDEmbed:
             return insightface_model
 
     def embed(self, image, insightface_model: str, provider: str, crop_size: str = str(CROP_SIZES[0])):
+        image = as_rgb_images(image, "image")
         try:
             model_dir = _model_dir(insightface_model)
         except FileNotFoundError:
