@@ -69,6 +69,11 @@ class PipelineLayout:
     def shapes(self, part: str) -> Shapes:
         return self.parts.get(part, MappingProxyType({}))
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE's latents, which the UNet predicts (an inpainting UNet takes more in)."""
+        return int(self.unet_config.get("out_channels", 4))
+
 
 def _frozen(mapping: Mapping) -> Mapping:
     return MappingProxyType(dict(mapping))

@@ -3,20 +3,37 @@ ComfyUI-style (long prompts chunked, `(text:1.2)` weights), seeds drawn on the C
 seed gives the same image on any device, a callback every step for progress and interruption.
 
 `run` is what the Sampler node calls: it materializes a pipeline socket and lets each adapter kind
-take part through its sampling hooks (pipeline_handle.SamplingHooks), so no adapter is named here."""
+take part through its sampling hooks (pipeline_handle.SamplingHooks), so no adapter is named here.
+With a LATENT input it samples as ComfyUI's KSampler does (denoise, batch_index, noise_mask; see
+loaders/latents.py): full denoising through the text-to-image pipeline, partial denoising through
+diffusers' image-to-image pipeline built from the same components."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+)
 
 from .base_models import same_device
+from .latents import (
+    LatentInput,
+    comfy_noise,
+    denoise_steps,
+    from_model_space,
+    latent_mask,
+    latent_output,
+    to_model_space,
+)
 from .pipeline_handle import PipelineHandle, SamplingRun, kinds_of, materialized
-from .prompt_encoding import encode_prompt, pad_to_same_length
+from .prompt_encoding import encode_prompt, match_lengths
 from .schedulers import make_scheduler
 
 StepCallback = Callable[[int, torch.Tensor], None]
@@ -57,6 +74,7 @@ class SamplingSettings:
     sampler_name: str = "euler"
     scheduler: str = "normal"
     clip_skip: int = -1
+    denoise: float = 1.0  # KSampler's meaning; used with a LATENT input (loaders/latents.py)
 
     def __post_init__(self) -> None:
         if self.width % 8 or self.height % 8:
@@ -76,21 +94,62 @@ def _encoders(pipe: DiffusionPipeline) -> tuple[list, list]:
     return tokenizers, encoders
 
 
+Masks = tuple[torch.Tensor, torch.Tensor]  # positive, negative: [1, tokens], True for real tokens
+
+
 def encode_conditioning(pipe: DiffusionPipeline, s: SamplingSettings) -> dict:
     """Prompt embeddings in the keyword arguments diffusers pipelines take."""
+    return _conditioning(pipe, s)[0]
+
+
+def _conditioning(pipe: DiffusionPipeline, s: SamplingSettings) -> tuple[dict, Masks | None]:
+    """The pipeline keywords, and the masks of the prompts' real tokens when one was padded
+    (prompt_encoding.match_lengths: lengths ComfyUI would not repeat to their lcm)."""
     tokenizers, encoders = _encoders(pipe)
-    pos = encode_prompt(s.positive, tokenizers, encoders, s.clip_skip)
-    neg = encode_prompt(s.negative, tokenizers, encoders, s.clip_skip)
-    pos_embeds, neg_embeds = pad_to_same_length(pos.embeds, neg.embeds)
+    pos = encode_prompt(s.positive, tokenizers, encoders, s.clip_skip, "positive prompt")
+    neg = encode_prompt(s.negative, tokenizers, encoders, s.clip_skip, "negative prompt")
+    pos_embeds, neg_embeds, masks = match_lengths(pos.embeds, neg.embeds)
     kwargs = {"prompt_embeds": pos_embeds, "negative_prompt_embeds": neg_embeds}
     if isinstance(pipe, StableDiffusionXLPipeline):
         neg_pooled = neg.pooled
         if not s.negative.strip() and pipe.config.force_zeros_for_empty_prompt:
-            # As diffusers' SDXL pipeline does for an empty negative prompt.
+            # As diffusers' SDXL pipeline does for an empty negative prompt: all zeros, all attended
+            # (the empty negative is the shorter one, so the positive needs no mask either).
             kwargs["negative_prompt_embeds"] = torch.zeros_like(pos_embeds)
             neg_pooled = torch.zeros_like(pos.pooled)
+            masks = None
         kwargs.update(pooled_prompt_embeds=pos.pooled, negative_pooled_prompt_embeds=neg_pooled)
-    return kwargs
+    return kwargs, masks
+
+
+def mask_cross_attention(unet, masks: Masks | None, images: int) -> Callable[[], None]:
+    """Until the returned undo runs, the UNet's calls get `encoder_attention_mask` for the padded
+    prompts. diffusers' pipelines call it with the negative rows, then the positive ones (`images`
+    each; positive only without guidance); its UNet turns the mask into a -10000 bias before the
+    softmax, so padding gets no attention."""
+    if masks is None:
+        return lambda: None
+    positive, negative = (m[:1].expand(images, -1) for m in masks)
+    own = vars(unet).get("forward")
+    forward = unet.forward
+
+    def masked(*args, **kwargs):
+        hidden = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[2]
+        rows = hidden.shape[0]
+        if rows not in (images, 2 * images):
+            raise RuntimeError(f"The UNet got {rows} prompt rows for {images} image(s), not 1 or 2 each.")
+        mask = positive if rows == images else torch.cat([negative, positive])
+        kwargs["encoder_attention_mask"] = mask.to(hidden.device)
+        return forward(*args, **kwargs)
+
+    def undo() -> None:
+        if own is None:
+            del unet.forward
+        else:
+            unet.forward = own
+
+    unet.forward = masked
+    return undo
 
 
 def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tensor:
@@ -125,42 +184,132 @@ def decode_latents(pipe: DiffusionPipeline, latents: torch.Tensor) -> torch.Tens
     return image.permute(0, 2, 3, 1).float().cpu().contiguous()
 
 
+class Sampled(NamedTuple):
+    """A sampling run's result: ComfyUI IMAGE and LATENT."""
+
+    images: torch.Tensor
+    latent: dict
+
+
+def _image_to_image(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """diffusers' image-to-image pipeline on the same components (nothing copied)."""
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        force_zeros = pipe.config.force_zeros_for_empty_prompt
+        return StableDiffusionXLImg2ImgPipeline(**pipe.components, force_zeros_for_empty_prompt=force_zeros)
+    return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+
+
+class _Start(NamedTuple):
+    runner: DiffusionPipeline  # the pipeline that runs (text-to-image, or image-to-image on its parts)
+    kwargs: dict  # its size, start and step keywords
+    x0: torch.Tensor  # the input latent in the UNet's space (CPU, float32)
+    noise: torch.Tensor  # ComfyUI's noise for it (CPU, float32)
+    timesteps: torch.Tensor  # the timesteps the run goes through, in order
+
+
+def _start(pipe, latent: LatentInput, s: SamplingSettings, scheduler, device, dtype) -> _Start:
+    """How to run from `latent` with KSampler's denoise."""
+    total, run_steps = denoise_steps(s.steps, s.denoise)
+    scheduler.set_timesteps(total)
+    timesteps = scheduler.timesteps[(total - run_steps) * scheduler.order :]
+    x0 = to_model_space(latent.samples, pipe.vae.config)
+    noise = comfy_noise(s.seed, x0.shape, latent.batch_index)
+    height, width = x0.shape[2] * pipe.vae_scale_factor, x0.shape[3] * pipe.vae_scale_factor
+    size = {"height": height, "width": width}
+    if run_steps == total:  # full denoise: noise x init sigma, plus the latent (zero for an empty one)
+        start = noise if latent.is_empty else noise + x0 / scheduler.init_noise_sigma
+        kwargs = {**size, "latents": start.to(device, dtype), "num_inference_steps": total}
+        return _Start(pipe, kwargs, x0, noise, timesteps)
+    # Partial: the last run_steps of a total-step schedule, as KSampler; diffusers' strength gives
+    # int(total x strength) steps, so aim between two whole counts.
+    strength = min((run_steps + 0.5) / total, 1.0)
+    img2img = _image_to_image(pipe)
+    img2img.prepare_latents = lambda image, timestep, *a, **k: img2img.scheduler.add_noise(
+        image, noise.to(image.device, image.dtype), timestep
+    )
+    kwargs = {"image": x0.to(device, dtype), "strength": strength, "num_inference_steps": total}
+    if isinstance(pipe, StableDiffusionXLPipeline):
+        kwargs.update(original_size=(height, width), target_size=(height, width))
+    return _Start(img2img, kwargs, x0, noise, timesteps)
+
+
+def _masked(step_end, start: _Start, mask: torch.Tensor):
+    """Wrap a step callback: the unmasked region goes back to the input latent noised to the next
+    step's level (at the end: the input latent), as ComfyUI's KSamplerX0Inpaint and diffusers'
+    inpaint pipeline with a 4-channel UNet do."""
+
+    def wrapped(p, step: int, timestep, tensors: dict) -> dict:
+        latents = tensors["latents"]
+        known = start.x0.to(latents.device, latents.dtype)
+        if step + 1 < len(start.timesteps):
+            later = start.timesteps[step + 1 : step + 2].to(latents.device)
+            known = p.scheduler.add_noise(known, start.noise.to(latents.device, latents.dtype), later)
+        m = mask.to(latents.device, latents.dtype)
+        tensors["latents"] = latents * m + known * (1 - m)
+        return step_end(p, step, timestep, tensors)
+
+    return wrapped
+
+
 def sample(
     pipe: DiffusionPipeline,
     s: SamplingSettings,
     on_step: StepCallback | None = None,
     extra: dict | None = None,
-) -> torch.Tensor:
-    """Images as ComfyUI IMAGE: float32 [batch, height, width, 3] in 0..1, on the CPU.
+    latent: LatentInput | None = None,
+) -> Sampled:
+    """Images as ComfyUI IMAGE (float32 [batch, height, width, 3] in 0..1, on the CPU) and LATENT.
 
     The pipeline's scheduler is swapped for this run only and restored afterwards, also when
-    `on_step` raises (interruption). `extra`: more pipeline keywords (IP-Adapter image embeds)."""
+    `on_step` raises (interruption). `extra`: more pipeline keywords (IP-Adapter image embeds).
+    `latent`: a checked LATENT input; then `s.denoise` applies and width/height/batch_size do not."""
+    if latent is not None and denoise_steps(s.steps, s.denoise)[1] == 0:  # denoise 0: nothing to do
+        images = decode_latents(
+            pipe, to_model_space(latent.samples, pipe.vae.config).to(pipe.device, pipe.dtype)
+        )
+        return Sampled(images, latent_output(latent.samples, latent))
     scheduler = make_scheduler(s.sampler_name, s.scheduler, dict(pipe.scheduler.config))
-    conditioning = encode_conditioning(pipe, s)
+    conditioning, masks = _conditioning(pipe, s)
 
     def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
         if on_step is not None:
             on_step(step + 1, tensors["latents"])
         return tensors
 
-    original_scheduler = pipe.scheduler
-    pipe.scheduler = scheduler
+    runner = pipe
+    if latent is None:
+        kwargs = {
+            "width": s.width,
+            "height": s.height,
+            "num_inference_steps": s.steps,
+            "generator": torch.Generator("cpu").manual_seed(s.seed),
+        }
+        batch = s.batch_size
+    else:
+        start = _start(pipe, latent, s, scheduler, pipe.device, pipe.dtype)
+        runner, kwargs = start.runner, start.kwargs
+        batch = latent.samples.shape[0]  # one prompt per latent in the batch
+        if latent.noise_mask is not None:
+            step_end = _masked(step_end, start, latent_mask(latent.noise_mask, start.x0.shape))
+    original_scheduler = runner.scheduler
+    runner.scheduler = scheduler
+    unmask = mask_cross_attention(runner.unet, masks, batch)
     try:
-        latents = pipe(
+        latents = runner(
             **conditioning,
             **(extra or {}),
-            num_inference_steps=s.steps,
+            **kwargs,
             guidance_scale=s.cfg,
-            width=s.width,
-            height=s.height,
-            num_images_per_prompt=s.batch_size,
-            generator=torch.Generator("cpu").manual_seed(s.seed),
+            num_images_per_prompt=batch,
             callback_on_step_end=step_end,
             output_type="latent",
         ).images
     finally:
-        pipe.scheduler = original_scheduler
-    return decode_latents(pipe, latents)
+        runner.scheduler = original_scheduler
+        unmask()
+    return Sampled(
+        decode_latents(pipe, latents), latent_output(from_model_space(latents, pipe.vae.config), latent)
+    )
 
 
 def run(
@@ -168,8 +317,10 @@ def run(
     settings: SamplingSettings,
     on_step: StepCallback | None = None,
     offload_after: bool = False,
-) -> torch.Tensor:
-    """Sample images (ComfyUI IMAGE) from the pipeline with exactly `handle`'s adapters applied.
+    latent: LatentInput | None = None,
+) -> Sampled:
+    """Sample images (ComfyUI IMAGE and LATENT) with exactly `handle`'s adapters applied; from
+    `latent` (checked with latents.read_latent) when given, else from noise of settings' size.
 
     Each adapter kind's `during_sampling` hook prepares the run (IP-Adapter embeddings, per-step
     scale changes...) and undoes itself afterwards; `offload_after` moves the pipeline, and what the
@@ -180,7 +331,8 @@ def run(
         if not same_device(pipe.device, base.device):  # a needless pipe.to() costs 10-20 ms
             pipe.to(base.device)
         try:
-            state = SamplingRun(settings.steps, settings.batch_size, settings.cfg > 1)
+            batch = settings.batch_size if latent is None else latent.samples.shape[0]
+            state = SamplingRun(settings.steps, batch, settings.cfg > 1)
             with ExitStack() as hooks:
                 for kind, specs in kinds:
                     during = getattr(kind, "during_sampling", None)
@@ -193,7 +345,7 @@ def run(
                     for after in state.after_step:
                         after(i)
 
-                return sample(pipe, settings, step, state.pipeline_kwargs)
+                return sample(pipe, settings, step, state.pipeline_kwargs, latent)
         finally:
             if offload_after:
                 pipe.to("cpu")

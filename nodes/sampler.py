@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from PIL import Image
 
+from ..loaders.latents import read_latent
 from ..loaders.pipeline_handle import PipelineHandle
+from ..loaders.prompt_encoding import check_prompt
 from ..loaders.sampling import SamplingSettings, latent_preview, run
 from ..loaders.schedulers import SAMPLERS, SCHEDULES
 from ..loaders.textual_inversion import with_prompt_embeddings
@@ -19,12 +21,16 @@ class Sampler:
     DESCRIPTION = (
         "Samples images from a pipeline socket with its adapters applied. Prompts use ComfyUI's syntax: "
         "long prompts are not truncated and (text:1.2) weights a phrase. The same seed gives the same image "
-        "on any device."
+        "on any device. With a latent_image it works like the core KSampler: denoise below 1 keeps part "
+        "of the input (img2img, hires fix), a noise mask repaints only the masked region."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("IMAGE",)
-    RETURN_NAMES = ("images",)
-    OUTPUT_TOOLTIPS = ("The sampled images.",)
+    RETURN_TYPES = ("IMAGE", "LATENT")
+    RETURN_NAMES = ("images", "latent")
+    OUTPUT_TOOLTIPS = (
+        "The sampled images.",
+        "The sampled latents (ComfyUI's LATENT: for Latent Upscale, a second sampler, VAE Decode).",
+    )
     FUNCTION = "sample"
 
     @classmethod
@@ -64,9 +70,18 @@ class Sampler:
                         "tooltip": "Classifier-free guidance scale; 1 or less ignores the negative prompt.",
                     },
                 ),
-                "width": ("INT", {**size, "tooltip": "Image width in pixels (a multiple of 8)."}),
-                "height": ("INT", {**size, "tooltip": "Image height in pixels (a multiple of 8)."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run."}),
+                "width": (
+                    "INT",
+                    {**size, "tooltip": "Image width in pixels (a multiple of 8); a latent_image sets it."},
+                ),
+                "height": (
+                    "INT",
+                    {**size, "tooltip": "Image height in pixels (a multiple of 8); a latent_image sets it."},
+                ),
+                "batch_size": (
+                    "INT",
+                    {"default": 1, "min": 1, "max": 64, "tooltip": "Images per run; a latent_image sets it."},
+                ),
                 "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling algorithm."}),
                 "scheduler": (
                     list(SCHEDULES),
@@ -92,6 +107,24 @@ class Sampler:
                         "tooltip": "Move the pipeline to the CPU after sampling to free GPU memory.",
                     },
                 ),
+                "latent_image": (
+                    "LATENT",
+                    {
+                        "tooltip": "Start from this latent (Empty Latent Image, VAE Encode, Latent Upscale, "
+                        "another sampler) instead of noise of width x height; its noise mask is kept.",
+                    },
+                ),
+                "denoise": (
+                    "FLOAT",
+                    {
+                        "default": 1.0,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "As the core KSampler's: 1 starts from noise; below 1 changes the "
+                        "latent_image that much (0.5 for a hires fix, 0.6 for img2img).",
+                    },
+                ),
             },
         }
 
@@ -110,7 +143,15 @@ class Sampler:
         scheduler: str,
         clip_skip: int,
         offload_after: bool = False,
+        latent_image: dict | None = None,
+        denoise: float = 1.0,
     ):
+        channels = pipeline.base.layout.latent_channels
+        latent = None if latent_image is None else read_latent(latent_image, channels, "latent_image")
+        if latent is None and denoise < 1.0:
+            raise ValueError(
+                "denoise below 1 needs a latent_image to start from (VAE Encode or another sampler's latent)."
+            )
         settings = SamplingSettings(
             positive,
             negative,
@@ -123,7 +164,10 @@ class Sampler:
             sampler_name,
             scheduler,
             clip_skip,
+            denoise,
         )
+        check_prompt(positive, "positive prompt")  # before any embedding file is read
+        check_prompt(negative, "negative prompt")
         handle = with_prompt_embeddings(pipeline, (positive, negative), _embedding_path)
         comfy_host.check_interrupted()
         if handle.base.device.type != "cpu":
@@ -133,8 +177,9 @@ class Sampler:
         def preview(latents):
             return ("JPEG", Image.fromarray(latent_preview(latents, family).numpy()), 512)
 
-        images = run(handle, settings, comfy_host.step_hook(steps, preview, family), offload_after)
-        return (images,)
+        hook = comfy_host.step_hook(steps, preview, family)
+        images, latent_out = run(handle, settings, hook, offload_after, latent)
+        return (images, latent_out)
 
 
 def _embedding_path(name: str):

@@ -124,13 +124,13 @@ def test_two_threads_sharing_a_base_pipeline_are_serialized_and_match_sequential
     real_sample = sampling.sample
     barrier = threading.Barrier(2)
 
-    def sample(pipe, settings, on_step=None, extra=None):
+    def sample(pipe, settings, *args):
         base = next(iter(base_models._cache.values()))
         bases.add(id(base))
         assert base.lock._is_owned(), "sampling without the base model's lock"
         sections.append(("enter", threading.current_thread().name))
         threading.Event().wait(0.02)  # give the other thread every chance to get in
-        out = real_sample(pipe, settings, on_step, extra)
+        out = real_sample(pipe, settings, *args)
         sections.append(("leave", threading.current_thread().name))
         return out
 
