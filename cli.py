@@ -1,6 +1,7 @@
 """Command line: run ComfyUI workflows with this pack's nodes, without ComfyUI.
 
     python cli.py run WORKFLOW.json --models DIR [--input DIR] [--output DIR]
+        exit status 0 when it ran, 1 when a node failed, 2 when the workflow is malformed or invalid
     python cli.py demo [--output DIR]
     python cli.py export-lora LORA.safetensors OUT.safetensors --checkpoint CHECKPOINT.safetensors
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -42,14 +42,20 @@ def _run(args: argparse.Namespace) -> int:
     runner_mod = importlib.import_module(f"{PACK_NAME}.headless.runner")
     standins = importlib.import_module(f"{PACK_NAME}.headless.standin_nodes")
 
-    workflow = json.loads(Path(args.workflow).read_text(encoding="utf-8"))
-    comfy_host.set_models_root(args.models)
-    comfy_host.set_io_directories(args.input, args.output)
     node_classes = {**standins.STANDIN_NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
     runner = runner_mod.WorkflowRunner(node_classes)
     try:
+        workflow = runner_mod.load_workflow(args.workflow)
+        comfy_host.set_models_root(args.models)
+        comfy_host.set_io_directories(args.input, args.output)
         results = runner.run(workflow)
-    except runner_mod.WorkflowError as exc:
+    except (runner_mod.WorkflowFormatError, runner_mod.WorkflowValidationError, NotImplementedError) as exc:
+        # the workflow itself is wrong: exit status 2, one line per problem
+        problems = getattr(exc, "problems", None) or [str(exc)]
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
+    except runner_mod.WorkflowError as exc:  # a node failed while running
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except comfy_host.Interrupted as exc:

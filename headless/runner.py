@@ -18,11 +18,19 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..nodes import comfy_host
-from .ui_workflow import WorkflowError, input_specs, is_combo, is_ui_workflow, ui_to_api
+from .ui_workflow import WorkflowError, WorkflowFormatError, input_specs, is_combo, is_ui_workflow, ui_to_api
+from .workflow_file import check_workflow, is_link, load_workflow, normalized_api_prompt, parse_workflow
 
 log = logging.getLogger(__name__)
 
-__all__ = ["WorkflowError", "WorkflowValidationError", "WorkflowRunner"]
+__all__ = [
+    "WorkflowError",
+    "WorkflowFormatError",
+    "WorkflowValidationError",
+    "WorkflowRunner",
+    "load_workflow",
+    "parse_workflow",
+]
 
 
 class WorkflowValidationError(WorkflowError):
@@ -36,12 +44,18 @@ class WorkflowValidationError(WorkflowError):
 _CONVERTERS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
 
 
-def _is_link(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 2 and isinstance(value[1], int)
+_is_link = is_link
 
 
 def _sort_key(node_id: str):
-    return (0, int(node_id), "") if node_id.isdigit() else (1, 0, node_id)
+    # ASCII digits only: "²".isdigit() is true but int() refuses it
+    return (0, int(node_id), "") if node_id.isascii() and node_id.isdigit() else (1, 0, node_id)
+
+
+def _cycle_text(cycle: list[str]) -> str:
+    if len(cycle) > 12:  # a cycle through a long chain: its ends, not a screenful of ids
+        cycle = [*cycle[:6], f"... ({len(cycle) - 9} more)", *cycle[-3:]]
+    return " -> ".join(cycle)
 
 
 class _Unhashable:
@@ -123,12 +137,13 @@ class WorkflowRunner:
     def run(self, workflow: Mapping, extra_pnginfo: dict | None = None) -> dict[str, dict]:
         """Run a workflow; returns `{node_id: {"ui": dict, "result": tuple}}` for every output
         node and every node that returned a `ui` dict, cached ones included."""
+        check_workflow(workflow)
         if is_ui_workflow(workflow):
             prompt = ui_to_api(workflow, self.node_classes)
             if extra_pnginfo is None:
                 extra_pnginfo = {"workflow": workflow}
         else:
-            prompt = copy.deepcopy(dict(workflow))
+            prompt = copy.deepcopy(normalized_api_prompt(workflow))
         self.executed = []
         order = self._validate(prompt)
         extra = {"prompt": copy.deepcopy(prompt), "extra_pnginfo": extra_pnginfo}
@@ -186,32 +201,45 @@ class WorkflowRunner:
                 ["The workflow has no output node (such as SaveImage or PreviewImage)."]
             )
 
-        order: list[str] = []
-        state: dict[str, int] = {}  # 1 = visiting, 2 = done
-
-        def visit(node_id: str, path: list[str]) -> None:
-            if state.get(node_id) == 2:
-                return
-            if state.get(node_id) == 1:
-                cycle = " -> ".join(path[path.index(node_id) :] + [node_id])
-                raise WorkflowValidationError([f"The workflow has a cycle: {cycle}."])
-            state[node_id] = 1
-            inputs = prompt[node_id]["inputs"]
-            for name in sorted(inputs):
-                value = inputs[name]
-                if _is_link(value) and str(value[0]) in prompt:
-                    value[0] = str(value[0])
-                    visit(value[0], path + [node_id])
-            state[node_id] = 2
-            order.append(node_id)
-
-        for node_id in output_ids:
-            visit(node_id, [])
-
+        order = self._execution_order(prompt, output_ids)
         for node_id in order:
             problems.extend(self._validate_node(prompt, node_id))
         if problems:
             raise WorkflowValidationError(problems)
+        return order
+
+    @staticmethod
+    def _execution_order(prompt: dict, output_ids: list[str]) -> list[str]:
+        """The nodes the outputs need, upstream first (depth first, inputs by name, as ComfyUI
+        orders them); a loop with an explicit stack, so chains of thousands of nodes are fine."""
+
+        def upstream(node_id: str) -> list[str]:
+            inputs = prompt[node_id]["inputs"]
+            return [inputs[n][0] for n in sorted(inputs) if _is_link(inputs[n]) and inputs[n][0] in prompt]
+
+        order: list[str] = []
+        state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+        for root in output_ids:
+            if state.get(root) == 2:
+                continue
+            state[root] = 1
+            path, stack = [root], [iter(upstream(root))]
+            while stack:
+                for dep in stack[-1]:
+                    if state.get(dep) == 2:
+                        continue
+                    if state.get(dep) == 1:
+                        cycle = path[path.index(dep) :] + [dep]
+                        raise WorkflowValidationError([f"The workflow has a cycle: {_cycle_text(cycle)}."])
+                    state[dep] = 1
+                    path.append(dep)
+                    stack.append(iter(upstream(dep)))
+                    break
+                else:
+                    stack.pop()
+                    done = path.pop()
+                    state[done] = 2
+                    order.append(done)
         return order
 
     def _validate_node(self, prompt: dict, node_id: str) -> list[str]:
@@ -276,6 +304,9 @@ class WorkflowRunner:
                     value = inputs[name] = convert(value)
             except (TypeError, ValueError, OverflowError) as exc:
                 problems.append(f"{where}: input '{name}': cannot convert {value!r} to {input_type} ({exc}).")
+                continue
+            if input_type == "FLOAT" and not math.isfinite(value):
+                problems.append(f"{where}: input '{name}': {value} is not a finite number.")
                 continue
             if name in validate_params or validate_kwargs:
                 continue  # the class validates this input itself

@@ -35,8 +35,136 @@ NOTE_TYPES = frozenset({"Note", "MarkdownNote"})
 VIRTUAL_TYPES = NOTE_TYPES | {REROUTE, PRIMITIVE}
 
 
+# ComfyUI workflows of real use have tens to a few hundred nodes, the largest about a thousand.
+MAX_NODES = 10_000
+
+
 class WorkflowError(Exception):
     """A workflow that cannot be converted, validated or run; the message names the node."""
+
+
+class WorkflowFormatError(WorkflowError):
+    """A workflow file that is not a well-formed workflow; one line naming the node or field."""
+
+
+def check_node_count(count: int) -> None:
+    if count > MAX_NODES:
+        raise WorkflowFormatError(f"The workflow has {count} nodes; at most {MAX_NODES} are run.")
+
+
+def kind_name(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else {dict: "object", list: "list", str: "text"}.get(type(value), type(value).__name__)
+    )
+
+
+def is_node_id(value: Any) -> bool:
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and value != ""
+    )
+
+
+def _is_index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _list_field(owner: Mapping, field: str, where: str) -> list:
+    value = owner.get(field)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise WorkflowFormatError(f"{where}: '{field}' is a {kind_name(value)}, not a list.")
+    return value
+
+
+def _check_ui_node(node: Mapping, where: str) -> None:
+    if not isinstance(node.get("type"), str):
+        raise WorkflowFormatError(
+            f"{where}: its type is a {kind_name(node.get('type'))}, not a node type name."
+        )
+    mode = node.get("mode", 0)
+    if mode is not None and not _is_index(mode):
+        raise WorkflowFormatError(f"{where}: its mode is {str(mode)[:40]!r}, not a number.")
+    values = node.get("widgets_values")
+    if values is not None and not isinstance(values, (list, Mapping)):
+        raise WorkflowFormatError(f"{where}: 'widgets_values' is a {kind_name(values)}, not a list.")
+    for index, entry in enumerate(_list_field(node, "inputs", where)):
+        if not isinstance(entry, Mapping):
+            raise WorkflowFormatError(f"{where}: inputs[{index}] is a {kind_name(entry)}, not an object.")
+        link, widget = entry.get("link"), entry.get("widget")
+        if link is not None and not is_node_id(link):
+            raise WorkflowFormatError(
+                f"{where}: inputs[{index}] has the link {str(link)[:40]!r}, not a link id."
+            )
+        if widget is not None and not (isinstance(widget, Mapping) and isinstance(widget.get("name"), str)):
+            raise WorkflowFormatError(f"{where}: inputs[{index}] has a widget without a name.")
+        if link is not None and widget is None and not isinstance(entry.get("name"), str):
+            raise WorkflowFormatError(f"{where}: inputs[{index}] is linked but has no name.")
+    for index, entry in enumerate(_list_field(node, "outputs", where)):
+        if not isinstance(entry, Mapping):
+            raise WorkflowFormatError(f"{where}: outputs[{index}] is a {kind_name(entry)}, not an object.")
+
+
+_LINK_FIELDS = ("id", "origin_id", "origin_slot", "target_id", "target_slot")
+
+
+def _check_ui_links(workflow: Mapping) -> None:
+    seen: set[str] = set()
+    for index, link in enumerate(_list_field(workflow, "links", "The workflow")):
+        where = f"links[{index}]"
+        if isinstance(link, Mapping):
+            fields = [link.get(f) for f in _LINK_FIELDS]
+        elif isinstance(link, list) and len(link) in (5, 6):
+            fields = link[:5]
+        else:
+            raise WorkflowFormatError(
+                f"The workflow's {where} is {str(link)[:60]}; a link is [id, origin_id, origin_slot, "
+                "target_id, target_slot, type]."
+            )
+        link_id, origin, origin_slot, target, target_slot = fields
+        if not (is_node_id(link_id) and is_node_id(origin) and is_node_id(target)):
+            raise WorkflowFormatError(f"The workflow's {where} has a missing or invalid link or node id.")
+        if not (_is_index(origin_slot) and _is_index(target_slot)):
+            raise WorkflowFormatError(f"The workflow's {where} (link {link_id}) has an invalid slot number.")
+        if str(link_id) in seen:
+            raise WorkflowFormatError(f"The workflow's {where}: link id {link_id} appears twice.")
+        seen.add(str(link_id))
+
+
+def check_ui_workflow(workflow: Mapping) -> None:
+    """The UI format's fields have the types the frontend writes: refuse the rest with one line
+    naming the node or field (not a KeyError or TypeError from deep inside the conversion)."""
+    nodes = _list_field(workflow, "nodes", "The workflow")
+    check_node_count(len(nodes))
+    ids: set[str] = set()
+    for index, node in enumerate(nodes):
+        if not isinstance(node, Mapping):
+            raise WorkflowFormatError(f"The workflow's nodes[{index}] is a {kind_name(node)}, not an object.")
+        if not is_node_id(node.get("id")):
+            raise WorkflowFormatError(
+                f"The workflow's nodes[{index}] ({str(node.get('type'))[:40]}) has no valid id "
+                f"({kind_name(node.get('id'))})."
+            )
+        node_id = str(node["id"])
+        if node_id in ids:
+            raise WorkflowFormatError(f"Node {node_id} appears twice in the workflow's 'nodes'.")
+        ids.add(node_id)
+        _check_ui_node(node, f"Node {node_id}")
+    _check_ui_links(workflow)
+    definitions = workflow.get("definitions")
+    if definitions is not None and not isinstance(definitions, Mapping):
+        raise WorkflowFormatError(
+            f"The workflow's 'definitions' is a {kind_name(definitions)}, not an object."
+        )
+    for index, subgraph in enumerate(
+        _list_field(definitions or {}, "subgraphs", "The workflow's definitions")
+    ):
+        if not isinstance(subgraph, Mapping) or not (
+            subgraph.get("id") is None or is_node_id(subgraph.get("id"))
+        ):
+            raise WorkflowFormatError(f"The workflow's definitions.subgraphs[{index}] is not a subgraph.")
 
 
 # ---------------------------------------------------------------- node class introspection
@@ -218,44 +346,8 @@ class _Graph:
             return None
         return link[0], link[1]
 
-    def resolve_output(self, node_id: str, slot: int, wanted_type: Any, seen: set) -> tuple[str, Any] | None:
-        """Follow a link's origin through Reroute / bypassed nodes.
-
-        Returns ("link", [node_id, slot]), ("value", primitive value), ("muted", None), or
-        None when nothing feeds the input.
-        """
-        key = (node_id, slot)
-        if key in seen:
-            raise WorkflowError(f"Node {node_id}: circular link through reroute or bypassed nodes.")
-        seen.add(key)
-        node = self.nodes.get(node_id)
-        if node is None:
-            log.warning("A link comes from node %s, which is not in the workflow; ignored.", node_id)
-            return None
-        node_type = node.get("type")
-        if node_type == REROUTE:
-            return self.resolve_input(node, 0, wanted_type, seen)
-        if node_type == PRIMITIVE:
-            values = node.get("widgets_values")
-            if isinstance(values, Mapping):
-                values = list(values.values())
-            return ("value", values[0]) if values else None
-        if node_type in NOTE_TYPES:
-            return None
-        mode = node.get("mode", 0)
-        if mode == MODE_NEVER:
-            return ("muted", None)
-        if mode == MODE_BYPASS:
-            index = self._bypass_input(node, slot, wanted_type)
-            if index < 0:
-                log.warning(
-                    "Bypassed node %s has no input of type %s; the link is dropped.", node_id, wanted_type
-                )
-                return None
-            return self.resolve_input(node, index, wanted_type, seen)
-        return ("link", [node_id, slot])
-
-    def resolve_input(self, node: Mapping, index: int, wanted_type: Any, seen: set):
+    def _input_origin(self, node: Mapping, index: int) -> tuple[str, int] | None:
+        """Where input `index` of `node` is linked from, or None."""
         inputs = node.get("inputs") or []
         if index >= len(inputs):
             return None
@@ -265,6 +357,54 @@ class _Graph:
         origin = self.link_origin(link_id)
         if origin is None:
             log.warning("Node %s: link %s is not in the workflow's links; ignored.", node.get("id"), link_id)
+        return origin
+
+    def resolve_output(self, node_id: str, slot: int, wanted_type: Any, seen: set) -> tuple[str, Any] | None:
+        """Follow a link's origin through Reroute / bypassed nodes (a loop, not recursion: chains of
+        thousands of reroutes are valid).
+
+        Returns ("link", [node_id, slot]), ("value", primitive value), ("muted", None), or
+        None when nothing feeds the input.
+        """
+        while True:
+            key = (node_id, slot)
+            if key in seen:
+                raise WorkflowError(f"Node {node_id}: circular link through reroute or bypassed nodes.")
+            seen.add(key)
+            node = self.nodes.get(node_id)
+            if node is None:
+                log.warning("A link comes from node %s, which is not in the workflow; ignored.", node_id)
+                return None
+            node_type = node.get("type")
+            mode = node.get("mode", 0)
+            if node_type == PRIMITIVE:
+                values = node.get("widgets_values")
+                if isinstance(values, Mapping):
+                    values = list(values.values())
+                return ("value", values[0]) if values else None
+            if node_type in NOTE_TYPES:
+                return None
+            if node_type == REROUTE:
+                index = 0
+            elif mode == MODE_NEVER:
+                return ("muted", None)
+            elif mode == MODE_BYPASS:
+                index = self._bypass_input(node, slot, wanted_type)
+                if index < 0:
+                    log.warning(
+                        "Bypassed node %s has no input of type %s; the link is dropped.", node_id, wanted_type
+                    )
+                    return None
+            else:
+                return ("link", [node_id, slot])
+            origin = self._input_origin(node, index)
+            if origin is None:
+                return None
+            node_id, slot = origin
+
+    def resolve_input(self, node: Mapping, index: int, wanted_type: Any, seen: set):
+        origin = self._input_origin(node, index)
+        if origin is None:
             return None
         return self.resolve_output(origin[0], origin[1], wanted_type, seen)
 
@@ -299,6 +439,7 @@ def ui_to_api(workflow: Mapping, node_classes: Mapping[str, type]) -> dict[str, 
     """Convert a UI-format workflow to an API-format prompt `{id: {class_type, inputs}}`."""
     if not is_ui_workflow(workflow):
         raise WorkflowError("Not a UI-format workflow: it needs 'nodes' and 'links'.")
+    check_ui_workflow(workflow)
     graph = _Graph(workflow)
     subgraph_ids = {sg.get("id") for sg in (workflow.get("definitions") or {}).get("subgraphs") or []}
     prompt: dict[str, dict] = {}
