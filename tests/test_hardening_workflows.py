@@ -347,3 +347,142 @@ def test_cli_subprocess_malformed_and_long_chains(folders):
     done = run(json.dumps(ui_reroute_chain()))
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().endswith("r_00001_.png")
+
+
+# ---------------------------------------------------------------- fuzz: cases nobody listed
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def _paths(value, prefix=()):
+    """Every (container path, key) of a JSON value."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return
+    for key, child in items:
+        yield prefix + (key,)
+        yield from _paths(child, prefix + (key,))
+
+
+def _mutated(workflow, data):
+    import copy
+
+    workflow = copy.deepcopy(workflow)
+    for _ in range(data.draw(st.integers(1, 3))):
+        paths = list(_paths(workflow))
+        if not paths:
+            break
+        path = data.draw(st.sampled_from(paths))
+        parent = workflow
+        for key in path[:-1]:
+            parent = parent[key]
+        action = data.draw(st.sampled_from(["replace", "delete", "add"]))
+        if action == "delete":
+            del parent[path[-1]]
+        elif action == "add" and isinstance(parent, dict):
+            parent[data.draw(st.text(max_size=6))] = data.draw(_JSON)
+        elif action == "add":
+            parent.append(data.draw(_JSON))
+        else:
+            parent[path[-1]] = data.draw(_JSON)
+    return workflow
+
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _runs_or_refuses(runner, workflow):
+    try:
+        runner.run(workflow)
+    except (WorkflowError, NotImplementedError) as exc:
+        assert "\n" not in str(exc) or str(exc).startswith("The workflow is not valid:"), str(exc)
+
+
+@pytest.mark.fuzz
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_ui_workflows_run_or_are_refused(folders, data):
+    workflow = ui_load_save()
+    workflow["nodes"].insert(1, ui_node(5, "Reroute", [{"name": "", "type": "*", "link": 9}]))
+    workflow["links"].append([9, 1, 0, 5, 0, "IMAGE"])
+    _runs_or_refuses(WorkflowRunner(NODES), _mutated(workflow, data))
+
+
+@pytest.mark.fuzz
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_api_workflows_run_or_are_refused(folders, data):
+    _runs_or_refuses(WorkflowRunner(NODES), _mutated(load_save(), data))
+
+
+MEMORY_SCRIPT = r"""
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import importlib.util
+spec = importlib.util.spec_from_file_location("_cli", os.path.join(sys.argv[1], "cli.py"))
+cli = importlib.util.module_from_spec(spec); spec.loader.exec_module(cli)
+pack = cli.load_pack()
+import torch
+from comfyui_diffusers_adapters.loaders.images import ImageInputError, as_rgb_images
+from comfyui_diffusers_adapters.nodes import comfy_host
+
+work = sys.argv[2]
+vm = int([l for l in open("/proc/self/status") if l.startswith("VmSize")][0].split()[1]) * 1024
+limit = vm + 512 * 2**20  # what is mapped now (torch, the pack) plus 512 MB for all the cases
+resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+
+cases = {
+    "deep": b"[" * 5_000_000,
+    "wide": json.dumps({"nodes": list(range(3_000_000)), "links": []}).encode(),
+    "many-nodes": json.dumps({str(i): {"class_type": "SaveImage"} for i in range(100_000)}).encode(),
+}
+codes = {}
+for name, data in cases.items():
+    path = os.path.join(work, name + ".json")
+    open(path, "wb").write(data)
+    codes[name] = cli.main(["run", path, "--models", os.path.join(work, "models")])
+for images in (torch.rand(1, 1, 4000, 3), torch.rand(1000, 1, 1, 3), torch.zeros(0, 64, 64, 3)):
+    try:
+        as_rgb_images(images, "image")
+        codes[str(tuple(images.shape))] = "accepted"
+    except ImageInputError:
+        codes[str(tuple(images.shape))] = "refused"
+comfy_host.set_models_root(os.path.join(work, "models"))
+loras = os.path.join(work, "models", "loras")
+os.makedirs(loras)
+for name in "abcd":
+    os.symlink(loras, os.path.join(loras, name))
+codes["loop-listing"] = comfy_host.list_model_files("loras")
+print(json.dumps(codes))
+"""
+
+
+@pytest.mark.slow
+def test_hostile_workflows_images_and_folders_under_a_memory_limit(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(ROOT), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DIFFUSERS_ADAPTERS_QUIET": "1"},
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    codes = json.loads(done.stdout.strip().splitlines()[-1])
+    assert codes == {
+        "deep": 2,
+        "wide": 2,
+        "many-nodes": 2,
+        "(1, 1, 4000, 3)": "refused",
+        "(1000, 1, 1, 3)": "refused",
+        "(0, 64, 64, 3)": "refused",
+        "loop-listing": [],
+    }, done.stderr[-2000:]
