@@ -51,7 +51,8 @@ def _inside(folder: str | os.PathLike, path: str | os.PathLike) -> bool:
 def annotated_filepath(name: str) -> Path:
     """The file a LoadImage value names: `file.png` (input folder) or `file.png [output]`.
 
-    Refuses names that lead outside the chosen folder.
+    Refuses names that lead outside the chosen folder (comfy_host's name check: absolute names,
+    `..`, NUL bytes, over-long names, links that leave it).
     """
     base = comfy_host.input_directory()
     match = _ANNOTATION.match(name)
@@ -62,10 +63,7 @@ def annotated_filepath(name: str) -> Path:
             "output": comfy_host.output_directory,
             "temp": temp_directory,
         }[folder]()
-    path = base / name
-    if not name or os.path.isabs(name) or not _inside(base, path):
-        raise ValueError(f"Refused image name {name!r}: it must name a file inside {base}.")
-    return path
+    return comfy_host.path_in_folder(base, name)  # the pack's one name check
 
 
 def _list_input_images() -> list[str]:

@@ -213,6 +213,16 @@ def _check_links_inside(top: Path, real_root: Path, name: str) -> None:
                 )
 
 
+def path_in_folder(root: Path, name: str) -> Path:
+    """`root / name` for a file name from a workflow in a folder that is not a model folder (the
+    input and output folders): the same name check, and links that leave `root` refused. The file
+    need not exist."""
+    path = root / _clean_name(name)
+    if not _inside(path, Path(os.path.realpath(root))):
+        raise ModelPathError(f"Refused {name!r}: it is a link that leads outside {root}.")
+    return path
+
+
 def resolve_model_path(folder: str, name: str, want_dir: bool = False, subfolder: str = "") -> Path:
     """The full path of `name` inside the model folder `folder` (in its `subfolder`, a fixed name
     of the pack such as insightface's "models", when given).

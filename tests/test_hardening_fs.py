@@ -154,3 +154,44 @@ def test_insightface_model_files_linking_outside_are_refused(models_root, tmp_pa
     (models_root / "insightface" / "models" / "linked").symlink_to(outside, target_is_directory=True)
     with pytest.raises(comfy_host.ModelPathError, match="outside"):
         FaceIDEmbed().embed(_image(), "linked", "CPU")
+
+
+# ---------------------------------------------------------------- the headless LoadImage stand-in
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "../secret.png",
+        "..\\secret.png",
+        "",
+        "a\x00.png",
+        "a" * 300 + ".png",
+        "C:\\x.png",
+        "sub/../../secret.png [input]",
+        "/etc/passwd [output]",
+    ],
+)
+def test_load_image_names_go_through_the_name_check(tmp_path, monkeypatch, name):
+    from comfyui_diffusers_adapters.headless.standin_nodes import LoadImage, annotated_filepath
+
+    monkeypatch.setenv("DIFFUSERS_ADAPTERS_INPUT", str(tmp_path / "input"))
+    (tmp_path / "input").mkdir()
+    with pytest.raises(comfy_host.ModelPathError, match="Refused|No file name"):
+        annotated_filepath(name)
+    assert LoadImage.VALIDATE_INPUTS(name) != True  # noqa: E712 (a message, not an exception)
+
+
+def test_load_image_refuses_a_link_outside(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from comfyui_diffusers_adapters.headless.standin_nodes import LoadImage, annotated_filepath
+
+    monkeypatch.setenv("DIFFUSERS_ADAPTERS_INPUT", str(tmp_path / "input"))
+    (tmp_path / "input" / "sub").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "input" / "sub" / "ok.png")
+    (tmp_path / "input" / "link.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(comfy_host.ModelPathError, match="outside"):
+        annotated_filepath("link.png")
+    assert annotated_filepath("sub\\ok.png") == (tmp_path / "input" / "sub" / "ok.png")
+    assert LoadImage().load_image("sub/ok.png")[0].shape == (1, 4, 4, 3)
