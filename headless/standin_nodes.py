@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, ImageSequence
 from PIL.PngImagePlugin import PngInfo
 
 from ..nodes import comfy_host
+from .latent_nodes import LATENT_NODE_CLASS_MAPPINGS
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _ANNOTATION = re.compile(r"^(.*?)\s*\[(input|output|temp)\]$")
@@ -255,4 +256,9 @@ def image_path(entry: dict) -> Path:
     return base / entry.get("subfolder", "") / entry["filename"]
 
 
-STANDIN_NODE_CLASS_MAPPINGS = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+STANDIN_NODE_CLASS_MAPPINGS = {
+    "LoadImage": LoadImage,
+    "SaveImage": SaveImage,
+    "PreviewImage": PreviewImage,
+    **LATENT_NODE_CLASS_MAPPINGS,
+}

@@ -16,6 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from ..loaders.vae_bridge import DiffusersVAE
+
 try:  # ComfyUI present: these modules are already imported by the host process.
     import comfy.model_management as _mm
     import comfy.utils as _cu
@@ -383,6 +385,28 @@ def step_hook(
             bar.update_absolute(step, total, preview(latents))
 
     return on_step
+
+
+# ---------------------------------------------------------------- the VAE socket
+def vae_for(base: Any) -> Any:
+    """The VAE socket's value for a loaded base model, made once per model.
+
+    Inside ComfyUI: ComfyUI's own VAE class (comfy.sd.VAE) from the pipeline's VAE weights, which it
+    converts from diffusers' key names itself; the core VAE Decode / Encode (tiled, for inpainting)
+    nodes then run as with any checkpoint. Its weights are ComfyUI's own copy, loaded and offloaded
+    by ComfyUI's memory manager. Outside ComfyUI: the pipeline's VAE behind ComfyUI's VAE methods
+    (loaders/vae_bridge.py), for the headless stand-ins."""
+    vae = getattr(base, "_vae_socket", None)
+    if vae is None:
+        if IN_COMFYUI:
+            import comfy.sd
+
+            state = {k: v.detach().to("cpu") for k, v in base.pipe.vae.state_dict().items()}
+            vae = comfy.sd.VAE(sd=state)
+        else:
+            vae = DiffusersVAE(base.pipe.vae, base.lock)
+        base._vae_socket = vae
+    return vae
 
 
 # ---------------------------------------------------------------- devices and memory

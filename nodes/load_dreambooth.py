@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..loaders.base_models import PREDICTIONS, load_base_model, resolve_device
+from ..loaders.file_stamps import source_stamp
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
 from .common import CATEGORY, PIPELINE, checks_numbers
@@ -33,11 +34,12 @@ class LoadDreamBooth:
         "output shows the training metadata the file carries, trigger words first."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = (PIPELINE, "STRING")
-    RETURN_NAMES = ("pipeline", "info")
+    RETURN_TYPES = (PIPELINE, "STRING", "VAE")
+    RETURN_NAMES = ("pipeline", "info", "vae")
     OUTPUT_TOOLTIPS = (
         "The pipeline: connect adapter nodes or the sampler.",
         "Family, prediction type and training metadata (trigger words first).",
+        "The checkpoint's VAE, for the core VAE Decode / VAE Encode nodes (img2img, inpainting, tiled).",
     )
     FUNCTION = "load"
 
@@ -80,7 +82,7 @@ class LoadDreamBooth:
             path = resolve_checkpoint(checkpoint)
         except (OSError, ValueError):
             return checkpoint
-        return f"{path}:{path.stat().st_mtime_ns}:{path.stat().st_size}"
+        return source_stamp(path)
 
     def load(self, checkpoint: str, dtype: str = "auto", device: str = "auto", prediction: str = "auto"):
         path = resolve_checkpoint(checkpoint)
@@ -91,4 +93,4 @@ class LoadDreamBooth:
         info = f"{base.family_name} ({base.prediction}), {dtype_name} on {base.device}"
         if base.info:
             info += "\n" + base.info
-        return {"ui": {"text": [info]}, "result": (PipelineHandle(base), info)}
+        return {"ui": {"text": [info]}, "result": (PipelineHandle(base), info, comfy_host.vae_for(base))}

@@ -28,7 +28,7 @@ def fresh_cache():
 
 
 def load(name: str, **kw):
-    return LoadDreamBooth().load(name, **{"dtype": "fp32", "device": "cpu", **kw})["result"]
+    return LoadDreamBooth().load(name, **{"dtype": "fp32", "device": "cpu", **kw})["result"][:2]
 
 
 def run_sampler(handle, seed=7, steps=3, cfg=5.0, positive=PROMPT, negative=NEGATIVE, size=64, **kw):
