@@ -43,6 +43,7 @@ from .model_files import (
     load_pickle_state_dict,
     open_model_file,
 )
+from .model_folders import check_shard_indexes
 from .pipeline_layout import PipelineLayout, layout_of, module_shapes
 from .schedulers import default_scheduler
 from .tokenizers import END_OF_TEXT, OPEN_CLIP_PAD, clip_tokenizer
@@ -307,6 +308,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, prediction: str = "a
     if not (folder / "model_index.json").is_file():
         raise BaseModelError(f"{folder.name} is not a diffusers model folder (no model_index.json).")
     check_folder_files(folder)
+    check_shard_indexes(folder)  # transformers follows '../' in a shard index
     try:
         pipe = DiffusionPipeline.from_pretrained(
             folder, dtype=dtype, local_files_only=True, safety_checker=None, requires_safety_checker=False

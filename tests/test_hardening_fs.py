@@ -3,6 +3,7 @@ folders whose files link outside, and every file-name input through the one name
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -195,3 +196,30 @@ def test_load_image_refuses_a_link_outside(tmp_path, monkeypatch):
         annotated_filepath("link.png")
     assert annotated_filepath("sub\\ok.png") == (tmp_path / "input" / "sub" / "ok.png")
     assert LoadImage().load_image("sub/ok.png")[0].shape == (1, 4, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "component,weights", [("text_encoder", "model"), ("unet", "diffusion_pytorch_model")]
+)
+def test_a_shard_index_naming_files_outside_is_refused(diffusers_folder, tmp_path, component, weights):
+    """transformers opens the shards a `*.index.json` names, `../` included: no link needed to leave."""
+    from safetensors.torch import load_file
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    source = diffusers_folder / component / f"{weights}.safetensors"
+    tensors = load_file(str(source))
+    save_file(tensors, str(outside / "shard.safetensors"), metadata={"format": "pt"})
+    source.unlink()
+    shard = os.path.relpath(outside / "shard.safetensors", source.parent)
+    index = {"metadata": {}, "weight_map": {k: shard for k in tensors}}
+    (source.parent / f"{weights}.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=f"{component}/{weights}.safetensors.index.json.*shard") as err:
+        _load("tiny")
+    assert "outside" not in str(err.value) or "plain file name" in str(err.value)
+
+
+def test_a_malformed_shard_index_is_named(diffusers_folder):
+    (diffusers_folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("[" * 100)
+    with pytest.raises(ValueError, match="unet/diffusion_pytorch_model.safetensors.index.json"):
+        _load("tiny")
