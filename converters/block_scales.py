@@ -66,14 +66,14 @@ the real layouts and raises for any other.
 from __future__ import annotations
 
 import ast
-import json
-import math
 import re
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Mapping
 
 from .families import FAMILY_NAMES
+from .json_text import JsonTextError, nesting_depth_of_text, parse_bounded_json
+from .numbers import bounded_number, shown
 
 PARTS = ("unet", "text_encoder", "text_encoder_2")
 _LEVELS = {"sd1": 4, "sd2": 4, "sdxl": 3}
@@ -133,6 +133,12 @@ _SDXL_PRESETS = {
 }
 _PRESETS = {"SD": _SD_PRESETS, "SDXL": _SDXL_PRESETS}
 _UNNAMED_LBW_BLOCK = 0.0  # hako-mikan's to26 zero-fill
+# Bounds real block weights never meet (issue 12): the longest real text, a per-layer SDXL dict or a
+# 26-value LBW line, has a few hundred characters and nests 4 levels; values are 0..1, sometimes
+# negative or up to 2. A scale beyond the strength widget's own range (+-20) is no real setting.
+MAX_TEXT_CHARS = 10_000
+MAX_DEPTH = 8
+MAX_SCALE = 20.0
 
 _UNET_BLOCK = re.compile(
     r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.|$)"
@@ -229,15 +235,7 @@ def _make(te: float, te2: float, unet: float, table: dict[str, float], lpb: int,
 
 
 def _number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise BlockScalesError(f"{where} must be a number, got {value!r}.")
-    try:
-        number = float(value)
-    except OverflowError:
-        number = math.inf
-    if not math.isfinite(number):
-        raise BlockScalesError(f"{where} must be a finite number, got {value!r}.")
-    return number
+    return bounded_number(value, f"Block scale {where}", MAX_SCALE, BlockScalesError)
 
 
 def _layout(family: str, unet_config: Mapping | None) -> tuple[int, int]:
@@ -264,15 +262,21 @@ def _layout(family: str, unet_config: Mapping | None) -> tuple[int, int]:
 
 
 def _load_dict_text(text: str) -> Any:
+    """JSON through the bounded parser, else a Python dict literal; the depth is checked on the text
+    first (brackets in strings count too, which only errs on the safe side for Python's quotes), and
+    the Python form's numbers are bounded when read (_number)."""
+    depth = nesting_depth_of_text(text)
+    if depth > MAX_DEPTH:
+        raise BlockScalesError(f"Block scales nest {depth} levels deep; real ones nest at most 4.")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
+        return parse_bounded_json(text, "The block scales")
+    except JsonTextError as error:
         try:
             return ast.literal_eval(text)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             raise BlockScalesError(
-                f"Block scales that start with '{{' must be a JSON object or a Python dict literal "
-                f"(diffusers' set_adapters form); JSON says: {error}."
+                f"{error} Block scales that start with '{{' must be a JSON object or a Python dict "
+                "literal (diffusers' set_adapters form)."
             ) from None
 
 
@@ -297,7 +301,7 @@ def _side(value: Any, side: str, levels: int, count: int) -> list[list[float]]:
         m = _BLOCK_KEY.fullmatch(key) if isinstance(key, str) else None
         if m is None or int(m[1]) >= levels:
             raise BlockScalesError(
-                f"Unknown key {key!r} in unet.{side}; expected block_0 .. block_{levels - 1} "
+                f"Unknown key {shown(key)} in unet.{side}; expected block_0 .. block_{levels - 1} "
                 f"(this UNet has {levels} {side} blocks)."
             )
         blocks[int(m[1])] = block_value
@@ -311,7 +315,7 @@ def _from_dict(spec: Mapping, family: str, levels: int, lpb: int) -> BlockScales
     unknown = [k for k in spec if k not in allowed]
     if unknown:
         raise BlockScalesError(
-            f"Unknown key {unknown[0]!r} in {FAMILY_NAMES[family]} block scales; expected "
+            f"Unknown key {shown(unknown[0])} in {FAMILY_NAMES[family]} block scales; expected "
             f"{', '.join(map(repr, allowed))} (or a UNet dict with 'down', 'mid', 'up')."
         )
     te, te2 = (
@@ -322,7 +326,7 @@ def _from_dict(spec: Mapping, family: str, levels: int, lpb: int) -> BlockScales
         return _make(te, te2, 1.0 if unet is None else _number(unet, "unet"), {}, lpb, levels)
     unknown = [k for k in unet if k not in ("down", "mid", "up")]
     if unknown:
-        raise BlockScalesError(f"Unknown key {unknown[0]!r} in unet; expected 'down', 'mid', 'up'.")
+        raise BlockScalesError(f"Unknown key {shown(unknown[0])} in unet; expected 'down', 'mid', 'up'.")
     mid = unet.get("mid", 1.0)
     if isinstance(mid, (list, tuple)):
         if len(mid) != 1:
@@ -358,14 +362,14 @@ def _preset(name: str, family: str) -> str:
     if key in _PRESETS[table_name]:
         if table_name != own:
             raise BlockScalesError(
-                f"Block weight preset {name!r} is for {table_name}, not {FAMILY_NAMES[family]}; "
+                f"Block weight preset {shown(name)} is for {table_name}, not {FAMILY_NAMES[family]}; "
                 f"{FAMILY_NAMES[family]} presets: {', '.join(_PRESETS[own])}."
             )
         return _PRESETS[table_name][key]
     other = "SD" if own == "SDXL" else "SDXL"
     where = f" (it is a {other} preset)" if key in _PRESETS[other] else ""
     raise BlockScalesError(
-        f"Unknown block weight preset {name!r}{where}. {FAMILY_NAMES[family]} presets: "
+        f"Unknown block weight preset {shown(name)}{where}. {FAMILY_NAMES[family]} presets: "
         f"{', '.join(_PRESETS[own])}; or give {_forms_text(family)} comma-separated, or a diffusers "
         "set_adapters dict."
     )
@@ -389,10 +393,10 @@ def _from_lbw(text: str, family: str, levels: int, lpb: int) -> BlockScales:
             value = float(item)
         except ValueError:
             raise BlockScalesError(
-                f"Block weight {name} must be a number, got {item!r} (random or A/B/X placeholders are not "
-                "supported)."
+                f"Block weight {name} must be a number, got {shown(item)} (random or A/B/X placeholders "
+                "are not supported)."
             ) from None
-        weights.append(_number(value, f"Block weight {name}"))
+        weights.append(_number(value, name))
     if (levels, lpb) != (_LEVELS[family], _LAYERS_PER_BLOCK):
         raise BlockScalesError(
             f"LoRA block weights (BASE, INxx, M00, OUTxx) are defined for the real {FAMILY_NAMES[family]} "
@@ -424,6 +428,11 @@ def parse_block_scales(
     if spec is None:
         return BlockScales()
     if isinstance(spec, str):
+        if len(spec) > MAX_TEXT_CHARS:
+            raise BlockScalesError(
+                f"Block scales of {len(spec)} characters; real ones have a few hundred (at most "
+                f"{MAX_TEXT_CHARS} are read)."
+            )
         text = spec.strip()
         if not text:
             return BlockScales()

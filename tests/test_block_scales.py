@@ -476,7 +476,7 @@ ERROR_CASES = [
     ("sd1", {"unet": {"down": "0.5"}}, "unet.down must be a number, got '0.5'"),
     ("sd1", {"unet": {"down": {"block_0": [True]}}}, "must be a number, got True"),
     ("sd1", {"text_encoder": float("inf")}, "text_encoder must be a finite number"),
-    ("sd1", '{"text_encoder": NaN}', "text_encoder must be a finite number"),
+    ("sd1", '{"text_encoder": NaN}', "NaN is not a number"),
     ("sd1", {"unet": 10**400}, "unet must be a finite number"),
     ("sd1", 0.5, "must be a dict .* or a string, got float"),
     ("sd1", "[1, 2]", "block weights need 17 values"),

@@ -1,0 +1,142 @@
+"""Prompts from workflows (issue 12, classes 1 and 2): bounded length, chunk count, nesting depth,
+`embedding:` references and weights, each refusal naming the prompt; a long positive against a long
+negative is never repeated to the least common multiple of their chunk counts (ComfyUI batches such
+conds apart); equal lengths stay as they were; a normal run after a refusal equals a fresh one."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from lora_files import fresh_handle
+
+from comfyui_diffusers_adapters.loaders import prompt_encoding as pe
+from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
+from comfyui_diffusers_adapters.loaders.sampling import SamplingSettings, encode_conditioning
+from comfyui_diffusers_adapters.nodes.sampler import Sampler
+
+ARGS = (1, 2, 5.0, 64, 64, 1, "euler", "normal", -1)
+
+
+@pytest.fixture(scope="module")
+def handle():
+    return fresh_handle()
+
+
+def words(n: int) -> str:
+    return " ".join(f"w{i % 10}" for i in range(n))  # each "wN" is 2 tokens
+
+
+def chunks(n: int) -> str:
+    """A prompt of exactly n chunks (75 tokens each)."""
+    return ", ".join(["cat"] * (75 * n // 2)) if n else ""
+
+
+HOSTILE = {
+    "too-long": "a " * (pe.MAX_PROMPT_CHARS // 2 + 1),
+    "too-many-chunks": "a," * 5000,  # 10,000 tokens in 10,000 characters
+    "deep-nesting": "(" * 5000 + "cat" + ")" * 5000,
+    "nan-weight": "a (cat:nan) dog",
+    "inf-weight": "a (cat:inf) dog",
+    "overflow-weight": "a (cat:1e309) dog",
+    "absurd-weight": "a (cat:1e30) dog",
+    "absurd-negative-weight": "a (cat:-1000) dog",
+    "nested-past-bound": "a (((cat:100))) dog" + ", ((((dog)):100))",
+    "embedding-repeats": "embedding:x " * (pe.MAX_EMBEDDING_REFERENCES + 1),
+    "not-text": None,
+}
+
+
+@pytest.mark.parametrize("which", ["positive", "negative"])
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE)
+def test_hostile_prompts_are_refused_naming_the_prompt(handle, text, which):
+    prompts = {"positive": "a cat", "negative": "", which: text}
+    with pytest.raises(pe.PromptError, match=f"{which} prompt") as error:
+        Sampler().sample(handle, prompts["positive"], prompts["negative"], *ARGS)
+    assert len(str(error.value)) < 400
+
+
+def test_bounds_leave_real_prompts_alone(handle):
+    long_real = ", ".join(["masterpiece", "(best quality:1.2)", "((detailed))", "[blurry]"] * 60)
+    assert len(pe.tokenize_chunks(long_real, handle.base.pipe.tokenizer)) < pe.MAX_CHUNKS
+    pe.check_prompt("(" * pe.MAX_NESTING + "cat" + ")" * pe.MAX_NESTING, "positive prompt")
+    pe.check_prompt(f"(cat:{pe.MAX_WEIGHT}) (dog:-{pe.MAX_WEIGHT}) (x:0)", "positive prompt")
+    pe.check_prompt("a " * (pe.MAX_PROMPT_CHARS // 2), "positive prompt")
+
+
+def test_unbalanced_and_escaped_parentheses_are_not_nesting():
+    pe.check_prompt(")" * 5000 + "cat", "positive prompt")
+    pe.check_prompt("\\(" * 5000 + "cat", "positive prompt")
+
+
+def test_a_run_after_a_refusal_equals_a_fresh_run():
+    handle = fresh_handle()
+    first = Sampler().sample(handle, "a (cat:1.2)", "blurry", *ARGS)[0]
+    for text in HOSTILE.values():
+        with pytest.raises(pe.PromptError):
+            Sampler().sample(handle, text, "blurry", *ARGS)
+    assert torch.equal(Sampler().sample(handle, "a (cat:1.2)", "blurry", *ARGS)[0], first)
+    assert torch.equal(Sampler().sample(fresh_handle(), "a (cat:1.2)", "blurry", *ARGS)[0], first)
+
+
+def conditioning(handle, positive, negative):
+    with materialized(handle) as pipe:
+        return encode_conditioning(pipe, SamplingSettings(positive, negative))
+
+
+@pytest.mark.parametrize("pos,neg", [(49, 47), (47, 49), (50, 1), (7, 2), (5, 1)])
+def test_unequal_long_prompts_are_never_repeated_to_their_lcm(handle, pos, neg):
+    got = conditioning(handle, chunks(pos), chunks(neg))
+    assert got["prompt_embeds"].shape == got["negative_prompt_embeds"].shape
+    assert got["prompt_embeds"].shape[1] == 77 * max(pos, neg, 1)  # ComfyUI: lcm 2303 chunks for 49/47
+
+
+@pytest.mark.parametrize("pos,neg", [(4, 1), (2, 1), (4, 2), (3, 2), (2, 3), (6, 4)])
+def test_lengths_comfyui_concatenates_are_repeated_as_before(handle, pos, neg):
+    """ComfyUI repeats to the lcm when that is at most 4 times the shorter (conds.CONDCrossAttn)."""
+    got = conditioning(handle, chunks(pos), chunks(neg))
+    lcm = math.lcm(pos, neg)
+    assert got["prompt_embeds"].shape[1] == 77 * lcm
+    assert got["negative_prompt_embeds"].shape[1] == 77 * lcm
+
+
+@pytest.mark.parametrize("pos,neg", [(6, 1), (1, 5), (5, 3)])
+def test_masked_lengths_give_the_image_of_the_exact_repeat(pos, neg):
+    """Cross-attention over a sequence repeated to the lcm equals attention over the sequence alone;
+    the padded, masked sequence equals it too (to float rounding): the image must match the lcm one."""
+    handle = fresh_handle()
+    positive, negative = chunks(pos), chunks(neg)
+    ours = Sampler().sample(handle, positive, negative, *ARGS)[0]
+    with materialized(handle) as pipe:
+        tokenizers, encoders = [pipe.tokenizer], [pipe.text_encoder]
+        p = pe.encode_prompt(positive, tokenizers, encoders).embeds
+        n = pe.encode_prompt(negative, tokenizers, encoders).embeds
+        p, n = pe.pad_to_same_length(p, n)
+        from comfyui_diffusers_adapters.loaders.sampling import decode_latents
+        from comfyui_diffusers_adapters.loaders.schedulers import make_scheduler
+
+        original = pipe.scheduler
+        pipe.scheduler = make_scheduler("euler", "normal", dict(original.config))
+        try:
+            latents = pipe(
+                prompt_embeds=p,
+                negative_prompt_embeds=n,
+                num_inference_steps=2,
+                guidance_scale=5.0,
+                width=64,
+                height=64,
+                generator=torch.Generator("cpu").manual_seed(1),
+                output_type="latent",
+            ).images
+        finally:
+            pipe.scheduler = original
+        reference = decode_latents(pipe, latents)
+    torch.testing.assert_close(ours, reference, rtol=0, atol=2e-5)
+    assert torch.equal(Sampler().sample(handle, positive, negative, *ARGS)[0], ours)
+
+
+def test_equal_lengths_unchanged_and_no_mask(handle):
+    got = conditioning(handle, chunks(3), chunks(3))
+    assert got["prompt_embeds"].shape[1] == 77 * 3
+    assert set(got) == {"prompt_embeds", "negative_prompt_embeds"}
