@@ -85,6 +85,8 @@ class TextualInversionSpec(KeyedSpec):
                 pipe.load_textual_inversion(
                     vectors, token=self.token, tokenizer=tokenizer, text_encoder=encoder
                 )
+                # Prompts expand the token to exactly these sub-tokens (prompt_encoding).
+                register_vector_tokens(tokenizer, tokens)
         except BaseException:
             for undo in reversed(undos):
                 undo()
@@ -102,6 +104,7 @@ def _remover(pipe, tokenizer, encoder, tokens: list[str], vocab_size: int) -> Ca
     rows of the embedding matrix."""
 
     def remove() -> None:
+        unregister_vector_tokens(tokenizer, tokens[0])
         present = [t for t in tokens if t in tokenizer.added_tokens_encoder]
         if present:
             pipe.unload_textual_inversion(tokens=present, tokenizer=tokenizer, text_encoder=encoder)
@@ -122,6 +125,7 @@ def make_spec(
         raise TextualInversionError(f"Token {token!r} must be one word without spaces.")
     slots = _slots(embedding, base, label)
     for tokenizer_attr, _, vectors in slots:
+        _refuse_special(token, label, getattr(base.pipe, tokenizer_attr))
         vocab = base.layout.vocabularies[tokenizer_attr]
         words = [t for t in sub_tokens(token, vectors.shape[0]) if t in vocab or t.lower() + "</w>" in vocab]
         if words:
@@ -133,13 +137,35 @@ def make_spec(
     return TextualInversionSpec((identity, token), embedding, token, tuple(slots), label, bundled_in)
 
 
+def _refuse_special(token: str, label: str, tokenizer) -> None:
+    """The tokenizer's special tokens (start, end, pad) are not words a prompt can hold: diffusers
+    would refuse them only when sampling. Compared without case, as CLIP lowercases prompts."""
+    specials = {t.lower() for t in tokenizer.all_special_tokens}  # fixed when the tokenizer is made
+    if token.lower() in specials:
+        raise TextualInversionError(
+            f"The token {token!r} for {label} is a special token of the tokenizer "
+            f"({', '.join(sorted(specials))}); choose another token (for example <name>)."
+        )
+
+
+def _token_names(spec: TextualInversionSpec) -> set[str]:
+    """Every token the spec adds: its token and the sub-tokens of its longest vector set."""
+    return set(sub_tokens(spec.token, max(vectors.shape[0] for _, _, vectors in spec.slots)))
+
+
 def check_token_unique(specs: tuple, spec: TextualInversionSpec) -> None:
-    """Two different embeddings may not share a token on one pipeline."""
+    """Two different embeddings may not share a token, or a sub-token (a 3-vector `x` adds `x_1` and
+    `x_2`, so another embedding may not be `x_1`), on one pipeline."""
+    names = _token_names(spec)
     for other in specs:
-        if isinstance(other, TextualInversionSpec) and other.token == spec.token and other != spec:
+        if not isinstance(other, TextualInversionSpec) or other == spec:
+            continue
+        shared = sorted(names & _token_names(other))
+        if shared:
+            which = "token" if shared[0] in (spec.token, other.token) else "sub-token"
             raise TextualInversionError(
-                f"The token {spec.token!r} is already used by {other.label} on this pipeline; "
-                f"give {spec.label} "
+                f"The {which} {shared[0]!r} of {spec.label} is already used by {other.label} on this "
+                f"pipeline (an n-vector embedding adds token, token_1 .. token_n-1); give {spec.label} "
                 "another token."
             )
 
