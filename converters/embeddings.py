@@ -19,6 +19,7 @@ single-encoder file, `"clip_l"` and `"clip_g"` for SDXL. Widths are not checked 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -48,6 +49,14 @@ _LORA_MARKS = (
 
 
 _PLAIN_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Bounds real embeddings never meet, checked on shapes before any copy. A1111's trainer offers at most
+# 75 vectors per token (one prompt chunk) and shared negatives use 6 to 75 (badhandv4 6, EasyNegative
+# 8, the largest 75): 256 is over three chunks. Text encoders are 768, 1024 or 1280 wide. Trained
+# values stay within a few units (CLIP's token embeddings are ~0.01-0.1); 1e4 is far beyond, and
+# near fp16's range (65504), where the text encoder would overflow.
+MAX_VECTORS = 256
+MAX_WIDTH = 4096
+MAX_MAGNITUDE = 1e4
 
 
 class EmbeddingFormatError(ValueError):
@@ -188,13 +197,31 @@ def _matrix(value: Any, where: str) -> torch.Tensor:
         raise EmbeddingFormatError(
             f"{where} has shape {list(value.shape)}, expected [n_vectors, width] or [width]."
         )
+    if t.shape[0] > MAX_VECTORS or t.shape[1] > MAX_WIDTH:
+        raise EmbeddingFormatError(
+            f"{where} has shape {list(value.shape)}: {t.shape[0]} vectors {t.shape[1]} wide, more than an "
+            f"embedding holds (at most {MAX_VECTORS} vectors, {MAX_WIDTH} wide). Is it an embedding?"
+        )
     if not t.is_floating_point():
         raise EmbeddingFormatError(f"{where} holds {t.dtype} values, expected floating-point vectors.")
     if t.dtype not in _PLAIN_FLOATS:  # fp8: exact in float32, and CPU ops (isfinite, copy) need it
         t = t.float()
-    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-        raise EmbeddingFormatError(f"{where} contains NaN or infinite values (its training diverged).")
+    if t.device.type != "meta":
+        _check_values(t, where)
     return t.contiguous()
+
+
+def _check_values(t: torch.Tensor, where: str) -> None:
+    """Finite and within MAX_MAGNITUDE: one min/max pass (NaN propagates through both)."""
+    low, high = (float(v) for v in torch.aminmax(t))
+    if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
+        raise EmbeddingFormatError(f"{where} contains NaN or infinite values (its training diverged).")
+    if not -MAX_MAGNITUDE <= low <= high <= MAX_MAGNITUDE:
+        worst = low if abs(low) > abs(high) else high
+        raise EmbeddingFormatError(
+            f"{where} holds {worst:g}; embedding values must be no larger than {MAX_MAGNITUDE:g} (trained "
+            "ones stay within a few units): the file is damaged."
+        )
 
 
 def _string_to_param(value: Any) -> torch.Tensor:
@@ -215,8 +242,8 @@ def _string_to_param(value: Any) -> torch.Tensor:
 
 def _stack_sub_tokens(tensors: Mapping[Any, torch.Tensor]) -> tuple[str, torch.Tensor] | None:
     """`{tok: [dim], tok_1: [dim], ...}` (the tokens diffusers adds for a multi-vector embedding)."""
-    if len(tensors) < 2 or not all(isinstance(k, str) for k in tensors):
-        return None
+    if not 2 <= len(tensors) <= MAX_VECTORS or not all(isinstance(k, str) for k in tensors):
+        return None  # more tensors than an embedding has vectors: not stacked, reported as not one
     base = min(tensors, key=len)
     order = [base] + [f"{base}_{i}" for i in range(1, len(tensors))]
     if set(order) != set(tensors) or any(tensors[k].ndim != 1 for k in order):

@@ -30,9 +30,12 @@ PlusV2 have identical weights: PlusV2 only adds the id embedding back as a short
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
+
+import torch
 
 from .families import FAMILY_BY_CROSS_ATTENTION
 
@@ -207,6 +210,32 @@ def _check_tensors(variant: str, image_proj: Mapping[str, Any], ip_adapter: Mapp
             )
 
 
+# Trained adapter weights are small (|w| < 10 in every published IP-Adapter and FaceID file); the
+# bound is the LoRA one (converters/lora_keys.py MAX_MAGNITUDE): beyond it a file is damaged.
+MAX_MAGNITUDE = 1e6
+
+
+def _check_values(image_proj: Mapping[str, Any], ip_adapter: Mapping[str, Any]) -> None:
+    """Every floating-point tensor finite and within MAX_MAGNITUDE: one min/max pass per tensor, once
+    per file read (NaN propagates through min and max; no tensor-sized temporary)."""
+    for part, tensors in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
+        for key, t in tensors.items():
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
+                continue
+            if t.numel() == 0:
+                continue
+            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                t = t.float()  # fp8: CPU min/max need a wider type
+            low, high = (float(v) for v in torch.aminmax(t.detach()))
+            if not -MAX_MAGNITUDE <= low <= high <= MAX_MAGNITUDE:
+                worst = low if not math.isfinite(low) or abs(low) > abs(high) else high
+                what = "NaN" if math.isnan(worst) else f"{worst:g}"
+                raise IPAdapterFormatError(
+                    f"This IP-Adapter file's {part}.{key} holds {what}; adapter weights must be finite "
+                    f"numbers no larger than {MAX_MAGNITUDE:g} (the file is damaged)."
+                )
+
+
 def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
     """Read an IP-Adapter state dict in either layout; raise IPAdapterFormatError if it is not one."""
     image_proj, ip_adapter = _split_layout(state_dict)
@@ -229,6 +258,7 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
         )
 
     _check_tensors(variant, image_proj, ip_adapter)
+    _check_values(image_proj, ip_adapter)
     odd = [k for k in ip_adapter if k.endswith(("to_k_ip.weight", "to_v_ip.weight")) and not _IP_KEY.match(k)]
     if odd:
         raise IPAdapterFormatError(

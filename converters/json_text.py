@@ -42,15 +42,15 @@ def parse_bounded_json(
     `max_digits` digits, or a number that is not finite."""
 
     def refuse(why: str) -> JsonTextError:
-        return JsonTextError(f"{what} is not usable JSON: {why}.")
+        return JsonTextError(f"{what} is refused: {why}.")
 
     if isinstance(text, (bytes, bytearray)):
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError:
-            raise refuse("it is not UTF-8 text") from None
+            raise JsonTextError(f"{what} is not JSON: it is not UTF-8 text.") from None
     if not isinstance(text, str):
-        raise refuse(f"expected text, got {type(text).__name__}")
+        raise JsonTextError(f"{what} is not JSON: expected text, got {type(text).__name__}.")
     if len(text) > max_chars:
         raise refuse(f"{len(text)} characters, more than the {max_chars} allowed")
     depth = nesting_depth_of_text(text)
@@ -78,7 +78,7 @@ def parse_bounded_json(
     except RecursionError:  # the depth scan above makes this unreachable; kept as a guard
         raise refuse(f"nested more than {max_depth} levels deep") from None
     except ValueError as e:
-        raise refuse(str(e)[:200]) from None
+        raise JsonTextError(f"{what} is not JSON: {str(e)[:200]}.") from None
 
 
 def nesting_depth_of_text(text: str) -> int:

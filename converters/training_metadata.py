@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from typing import Mapping
+
+from .json_text import JsonTextError, parse_bounded_json
 
 # A kohya dataset folder is named "<repeats>_<instance prompt>", e.g. "10_sks dog".
 _REPEATS_PREFIX = re.compile(r"^\d+_")
@@ -30,9 +31,11 @@ _SHOWN_FIELDS = (
 
 
 def _json_field(metadata: Mapping[str, str], key: str) -> dict:
+    """A JSON field of the header within json_text's bounds; {} when unreadable (the summary is an
+    aid: a broken field must not stop the file from loading)."""
     try:
-        value = json.loads(metadata.get(key) or "{}")
-    except (TypeError, ValueError):
+        value = parse_bounded_json(metadata.get(key) or "{}", f"the {key} metadata field")
+    except JsonTextError:
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -35,6 +35,7 @@ from ..converters import checkpoint_layout
 from ..converters.families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
 from ..converters.training_metadata import summarize
 from .attention_calls import skip_signature_lookups
+from .file_stamps import source_stamp
 from .model_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -328,9 +329,8 @@ _cache_lock = threading.Lock()
 
 
 def _source_key(path: Path) -> tuple:
-    """Identity of a file or folder on disk: a changed file reloads."""
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    """Identity of a file or folder on disk: a changed or replaced file reloads."""
+    return source_stamp(path)
 
 
 def load_base_model(

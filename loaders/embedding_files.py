@@ -19,14 +19,25 @@ from typing import Any
 import torch
 from torch.torch_version import TorchVersion
 
-from ..converters.embeddings import Embedding, EmbeddingFormatError, non_embedding_hint, parse_embedding
+from ..converters.embeddings import (
+    MAX_VECTORS,
+    Embedding,
+    EmbeddingFormatError,
+    non_embedding_hint,
+    parse_embedding,
+)
+from .file_stamps import file_stamp
 from .model_files import SAFETENSORS_SUFFIXES, ModelFileError, open_model_file
+from .pickle_scan import scan_torch_pickle
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 PICKLE_SUFFIXES = (".pt", ".bin")
 # Embeddings are a few KB (75 vectors of SDXL: 600 KB). A larger file is something else (a LoRA, a
 # checkpoint): it is not unpickled whole, and a safetensors one is judged by its keys before reading.
 MAX_EMBEDDING_BYTES = 64 * 1024 * 1024
+# diffusers stores one tensor per sub-token (`tok`, `tok_1`, ...): at most MAX_VECTORS of them, twice
+# for SDXL; A1111/Kohya files hold one or two.
+MAX_EMBEDDING_TENSORS = 2 * MAX_VECTORS + 16
 
 
 def _safe_globals() -> list[Any]:
@@ -71,12 +82,12 @@ def _allowing(allowed: list[Any]):
     return safe_globals(allowed) if safe_globals is not None else contextlib.nullcontext()
 
 
-_cache: dict[str, tuple[tuple[int, int], Embedding]] = {}
+_cache: dict[str, tuple[tuple, Embedding]] = {}
 _cache_lock = threading.Lock()
 
 
 def read_embedding(path: str | os.PathLike) -> Embedding:
-    """The embedding in `path`, cached by (path, size, mtime_ns): a changed file is read again.
+    """The embedding in `path`, cached by its `file_stamp`: a changed or replaced file is read again.
 
     `Embedding.name` is the name the file stores (A1111 `name`, the diffusers token), else the file
     stem, which is also the token ComfyUI prompts use (`embedding:<stem>`). The cached tensors are
@@ -85,15 +96,15 @@ def read_embedding(path: str | os.PathLike) -> Embedding:
     """
     path = Path(path)
     try:
-        st = path.stat()
+        stamp = file_stamp(path)
     except OSError as e:
         raise ModelFileError(f"Cannot read embedding {path.name}: {e.strerror or e}.") from e
-    key, stamp = str(path.resolve()), (st.st_size, st.st_mtime_ns)
+    key = str(path.resolve())
     with _cache_lock:
         hit = _cache.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    embedding = _read_uncached(path, st.st_size)
+    embedding = _read_uncached(path, stamp[3])
     with _cache_lock:
         _cache[key] = (stamp, embedding)
     return embedding
@@ -131,6 +142,7 @@ def load_embedding_pickle(path: Path) -> Any:
     Numpy scalars come back as Python numbers. A pickle asking for anything else is refused with
     `ModelFileError` before any of it runs.
     """
+    scan_torch_pickle(path, max_tensors=MAX_EMBEDDING_TENSORS)
     try:
         with _allowing(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)

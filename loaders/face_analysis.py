@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .file_stamps import file_stamp
 from .images import as_rgb_images
 
 PROVIDERS = ("auto", "CUDA", "CPU")
@@ -117,7 +118,7 @@ def load_face_analysis(model_dir: Path, provider: str = "auto") -> FaceAnalyzer:
     check_model_dir(model_dir)
     providers = execution_providers(provider)
     _, FaceAnalysis, face_align = _insightface()
-    files = tuple(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in model_dir.glob("*.onnx")))
+    files = tuple(file_stamp(p) for p in sorted(model_dir.glob("*.onnx")))
     key = (str(model_dir), files, tuple(providers))
     with _cache_lock:
         if key in _cache:

@@ -15,6 +15,7 @@ from accelerate import init_empty_weights
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from ..converters import clip_vision as cv
+from .file_stamps import file_stamp
 from .model_files import open_model_file
 
 # CLIP's standard normalisation (OpenAI; open_clip's LAION models use the same values).
@@ -79,18 +80,17 @@ _cache_lock = threading.Lock()
 def load_image_encoder(
     path, dtype: torch.dtype = torch.float32, device="cpu"
 ) -> CLIPVisionModelWithProjection:
-    """The image encoder of a models/clip_vision file, cached by (path, size, mtime, dtype, device).
+    """The image encoder of a models/clip_vision file, cached by (path, file_stamp, dtype, device).
 
     Shared: callers must not modify it. Its processor: `image_processor(model.config.image_size)`."""
     path = Path(path)
     device = torch.device(device)
-    st = path.stat()
-    key = (str(path), st.st_size, st.st_mtime_ns, dtype, str(device))
+    key = (str(path), file_stamp(path), dtype, str(device))
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)
             return _cache[key]
-        for stale in [k for k in _cache if k[0] == str(path) and k[1:3] != key[1:3]]:
+        for stale in [k for k in _cache if k[0] == str(path) and k[1] != key[1]]:
             del _cache[stale]
         enc = _build(path, dtype, device)
         _cache[key] = enc

@@ -18,9 +18,10 @@ from ..converters.ip_adapter_files import IPAdapterFile, IPAdapterFormatError, c
 from ..converters.ip_adapter_scales import parse_block_scales, scaled
 from .base_models import BaseModel
 from .face_analysis import FaceEmbeddings
+from .file_stamps import file_stamp
 from .image_encoders import load_image_encoder
 from .ip_adapters import IPAdapterSpec, encode_images, faceid_lora_spec, image_digest
-from .model_files import file_identity, open_model_file
+from .model_files import open_model_file
 from .pipeline_handle import PipelineHandle
 
 __all__ = ["COMBINE_EMBEDS", "FACEID_V2", "IPAdapterInputs", "with_ip_adapter"]
@@ -63,7 +64,10 @@ def with_ip_adapter(handle: PipelineHandle, inputs: IPAdapterInputs) -> tuple[Pi
     """The handle with the IP-Adapter (and a FaceID file's LoRA at `lora_strength`), and the info."""
     base = handle.base
     source = open_model_file(inputs.adapter_path)
-    adapter = parse_ip_adapter(source.read(source.shapes))
+    try:
+        adapter = parse_ip_adapter(source.read(source.shapes))
+    except IPAdapterFormatError as e:  # the converter names the tensor; the file is named here
+        raise IPAdapterFormatError(f"{inputs.adapter_name}: {e}") from None
     _check_fits(adapter, base, inputs.adapter_name)
     blocks = parse_block_scales(inputs.block_scales, base.layout.attention.blocks, base.family_name)
     if not 0.0 <= inputs.start_at < inputs.end_at <= 1.0:
@@ -74,7 +78,7 @@ def with_ip_adapter(handle: PipelineHandle, inputs: IPAdapterInputs) -> tuple[Pi
     if adapter.needs_image_encoder:
         _encode(adapter, inputs, base, embeds)
     key = (
-        file_identity(inputs.adapter_path),
+        file_stamp(inputs.adapter_path),
         embeds.encoder_key,
         embeds.digest,
         inputs.scale,
@@ -163,7 +167,7 @@ def _encode(adapter: IPAdapterFile, inputs: IPAdapterInputs, base: BaseModel, em
             f"{inputs.encoder_name} gives {width}: pick the encoder it was trained with (ViT-H/14 for SD1.5 "
             "and the SDXL ViT-H variants, ViT-bigG/14 for SDXL base)."
         )
-    embeds.encoder_key = (file_identity(encoder_path), str(base.dtype), str(base.device))
+    embeds.encoder_key = (file_stamp(encoder_path), str(base.dtype), str(base.device))
     if adapter.is_face_id:  # FaceID Plus: the CLIP hidden states of the aligned face crops
         states = encode_images(encoder, inputs.faceid.crops, True, embeds.encoder_key)
         embeds.clip = combine_embeds(*states, inputs.combine_embeds)

@@ -14,8 +14,9 @@ from ..converters.lora_form import LoraFile, LoraFormatError
 from ..converters.lora_keys import check_family, parse_lora
 from ..converters.training_metadata import summarize
 from .base_models import BaseModel
+from .file_stamps import file_stamp
 from .lora_patcher import LORA, LoraSpec
-from .model_files import file_identity, open_model_file
+from .model_files import open_model_file
 from .pipeline_handle import PipelineHandle
 from .pipeline_layout import PARTS
 from .textual_inversion import check_token_unique, make_spec
@@ -30,7 +31,7 @@ _lock = threading.Lock()
 
 def read_lora(path: Path, base: BaseModel) -> LoraFile:
     """The parsed, validated LoRA file for this base model (cached by file version and layout)."""
-    key = (file_identity(path), base.layout.fingerprint)
+    key = (file_stamp(path), base.layout.fingerprint)
     with _lock:
         if key in _cache:
             _cache.move_to_end(key)
@@ -70,10 +71,11 @@ def with_lora(
     lora = read_lora(path, base)
     scales = parse_block_scales(block_weights or None, base.family, unet_config=base.layout.unet_config)
     strengths = {part: float(strengths.get(part, 0.0)) for part in PARTS}
-    key = (file_identity(path), tuple(sorted(strengths.items())), scales)
+    stamp = file_stamp(path)
+    key = (stamp, tuple(sorted(strengths.items())), scales)
     handle = handle.with_adapter(LoraSpec(key, lora, strengths, scales.scale, label=label))
     for token, vectors in lora.embeddings.items():  # bundle_emb: embeddings trained with the LoRA
-        ti = make_spec(parse_embedding(vectors), token, base, (file_identity(path), "bundle"), token, label)
+        ti = make_spec(parse_embedding(vectors), token, base, (stamp, "bundle"), token, label)
         if ti not in handle.adapters:
             check_token_unique(handle.adapters, ti)
             handle = handle.with_adapter(ti)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
 import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -15,19 +13,13 @@ from typing import Iterable
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..converters.json_text import JsonTextError, parse_bounded_json
+from .file_errors import ModelFileError
+from .pickle_scan import scan_torch_pickle
+
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-def file_identity(path: Path) -> tuple:
-    """What identifies one version of a file on disk: the cache key of everything read from it."""
-    stat = path.stat()
-    return (str(path), stat.st_size, stat.st_mtime_ns)
-
-
-class ModelFileError(ValueError):
-    """A model file that cannot be read: truncated, corrupt, unsafe or of an unknown kind."""
 
 
 @dataclass
@@ -40,17 +32,29 @@ class ModelFile:
     _tensors: dict[str, torch.Tensor] | None = None  # pickles are read whole (memory-mapped)
 
     def read(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors of `keys`, copied out of the file."""
+        """The tensors of `keys`, copied out of the file (never memory-mapped: see `_read_tensors`)."""
         keys = list(keys)
         if self._tensors is not None:
             return {k: self._tensors[k] for k in keys}
         try:
-            with safe_open(str(self.path), framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in keys}
+            return _read_tensors(self.path, keys)
         except (SafetensorError, OSError) as e:
             raise ModelFileError(
                 f"Could not read tensors from {self.path.name}: {e}. The file may be truncated."
             ) from e
+
+
+def _read_tensors(path: Path, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors read into memory with pread. safetensors >= 0.8 memory-maps the file by default: the
+    tensors (and every cache and model built from them) would then change with a file rewritten in
+    place, and a truncated file would kill the process with SIGBUS when they are next touched. Older
+    safetensors has no `backend` and always copies."""
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu", backend="pread")
+    except TypeError:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    with handle as f:
+        return {k: f.get_tensor(k) for k in keys}
 
 
 # Bytes per element of every dtype the safetensors format and torch share (safetensors.torch's table).
@@ -111,10 +115,12 @@ def check_safetensors_header(path: Path) -> dict:
             raw = f.read(n)
     except OSError as e:
         raise ModelFileError(f"Cannot read {name}: {e.strerror or e}.") from e
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ModelFileError(f"{name} has a corrupt safetensors header (not JSON).") from e
+    try:  # a header nests 3 levels (name -> info -> shape); __metadata__ values are text
+        header = parse_bounded_json(
+            raw, f"{name}'s safetensors header", max_chars=MAX_HEADER_BYTES, max_depth=8
+        )
+    except JsonTextError as e:
+        raise ModelFileError(f"{name} has a corrupt safetensors header ({e}).") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{name} has a corrupt safetensors header (not a JSON object).")
     metadata = header.get("__metadata__", {})
@@ -184,10 +190,12 @@ def _unwrap_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_pickle_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """A `.ckpt`/`.pt`/`.bin` state dict, read with `weights_only=True` so no code can run."""
+    """A `.ckpt`/`.pt`/`.bin` state dict, read with `weights_only=True` so no code can run, after
+    `scan_torch_pickle` checked what it declares (so no small file unpacks to a huge tensor)."""
+    scan_torch_pickle(path)
     try:
-        kwargs = {"mmap": True} if zipfile.is_zipfile(path) else {}
-        obj = torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+        # Not memory-mapped, for the reason given at _read_tensors.
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ModelFileError(
             f"Refused to load {path.name}: it contains Python objects other than tensors, which could run "

@@ -18,8 +18,9 @@ import torch
 from ..converters.embeddings import Embedding, embedding_width_family
 from .base_models import BaseModel
 from .embedding_files import read_embedding
-from .model_files import file_identity
+from .file_stamps import file_stamp
 from .pipeline_handle import KeyedSpec, PipelineHandle, StackKind
+from .prompt_encoding import register_vector_tokens, unregister_vector_tokens
 
 TEXTUAL_INVERSION = StackKind("textual_inversion")
 EMBEDDING_PREFIX = "embedding:"
@@ -199,7 +200,7 @@ def with_embedding(handle: PipelineHandle, path: Path, token: str, label: str) -
     else the file's stem), and the node's info text."""
     embedding = read_embedding(path)
     token = token.strip() or embedding.name or path.stem
-    spec = make_spec(embedding, token, handle.base, file_identity(path), label)
+    spec = make_spec(embedding, token, handle.base, file_stamp(path), label)
     check_token_unique(handle.adapters, spec)
     if spec not in handle.adapters:
         handle = handle.with_adapter(spec)
@@ -215,7 +216,7 @@ def with_prompt_embeddings(
     for name in embedding_names(" ".join(prompts)):
         path = embedding_file(name, resolve)
         label = EMBEDDING_PREFIX + name
-        spec = make_spec(read_embedding(path), label, handle.base, file_identity(path), label)
+        spec = make_spec(read_embedding(path), label, handle.base, file_stamp(path), label)
         if spec not in handle.adapters:
             check_token_unique(handle.adapters, spec)
             handle = handle.with_adapter(spec)

@@ -3,9 +3,9 @@ IP-Adapter."""
 
 from __future__ import annotations
 
+from ..loaders.file_stamps import file_stamp
 from ..loaders.images import as_rgb_images
 from ..loaders.ip_adapter_specs import COMBINE_EMBEDS, FACEID_V2, IPAdapterInputs, with_ip_adapter
-from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
 from .common import CATEGORY, FACEID, PIPELINE, checks_numbers
@@ -142,8 +142,8 @@ class ApplyIPAdapter:
     def IS_CHANGED(cls, ipadapter, clip_vision, **_):
         try:
             return (
-                file_identity(comfy_host.resolve_model_path("ipadapter", ipadapter)),
-                file_identity(comfy_host.resolve_model_path("clip_vision", clip_vision)),
+                file_stamp(comfy_host.resolve_model_path("ipadapter", ipadapter)),
+                file_stamp(comfy_host.resolve_model_path("clip_vision", clip_vision)),
             )
         except (OSError, ValueError):
             return (ipadapter, clip_vision)

@@ -12,6 +12,7 @@ from ..loaders.face_analysis import (
     analyze_faces,
     load_face_analysis,
 )
+from ..loaders.file_stamps import file_stamp
 from ..loaders.images import as_rgb_images
 from . import comfy_host
 from .common import CATEGORY, FACEID, checks_numbers
@@ -89,9 +90,7 @@ class FaceIDEmbed:
         # Re-run when the model files change on disk (the image and widgets ComfyUI compares itself).
         try:
             folder = _model_dir(insightface_model)
-            return tuple(
-                sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.glob("*.onnx"))
-            )
+            return tuple(file_stamp(p) for p in sorted(folder.glob("*.onnx")))
         except (OSError, ValueError):
             return insightface_model
 

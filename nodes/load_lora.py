@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from ..loaders.file_stamps import file_stamp
 from ..loaders.lora_files import export_lora, with_lora, without_loras
-from ..loaders.model_files import file_identity
 from ..loaders.pipeline_handle import PipelineHandle
 from . import comfy_host
 from .common import CATEGORY, PIPELINE, checks_numbers
@@ -68,7 +68,7 @@ class LoadLoRA:
     @classmethod
     def IS_CHANGED(cls, lora_name, **_):
         try:
-            return file_identity(comfy_host.resolve_model_path("loras", lora_name))
+            return file_stamp(comfy_host.resolve_model_path("loras", lora_name))
         except (OSError, ValueError):
             return lora_name
 

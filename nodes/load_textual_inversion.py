@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..loaders.model_files import file_identity
+from ..loaders.file_stamps import file_stamp
 from ..loaders.pipeline_handle import PipelineHandle
 from ..loaders.textual_inversion import with_embedding
 from . import comfy_host
@@ -50,7 +50,7 @@ class LoadTextualInversion:
     @classmethod
     def IS_CHANGED(cls, embedding, **_):
         try:
-            return file_identity(comfy_host.resolve_model_path("embeddings", embedding))
+            return file_stamp(comfy_host.resolve_model_path("embeddings", embedding))
         except (OSError, ValueError):
             return embedding
 
