@@ -15,7 +15,7 @@ import comfyui_diffusers_adapters as pack
 from comfyui_diffusers_adapters.nodes.common import PACK, PIPELINE
 
 ROOT = Path(__file__).resolve().parents[1]
-CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "LATENT", "CONDITIONING"}
+CORE_TYPES = {"IMAGE", "MASK", "STRING", "INT", "FLOAT", "BOOLEAN", "LATENT", "CONDITIONING", "VAE"}
 NODES = sorted(pack.NODE_CLASS_MAPPINGS.items())
 
 
@@ -130,7 +130,8 @@ def test_host_module_uses_comfyui_when_present(tmp_path):
 
 
 def test_example_workflows_use_only_known_nodes():
-    known = set(pack.NODE_CLASS_MAPPINGS) | {"SaveImage", "PreviewImage", "LoadImage", "Note", "MarkdownNote"}
+    core = {"SaveImage", "PreviewImage", "LoadImage", "Note", "MarkdownNote", "LatentUpscaleBy"}
+    known = set(pack.NODE_CLASS_MAPPINGS) | core | {"VAEDecode", "VAEEncode", "VAEEncodeForInpaint"}
     files = sorted((ROOT / "example_workflows").glob("*.json"))
     assert files
     for path in files:
