@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.loaders import ip_adapters
@@ -131,3 +131,24 @@ def test_the_embedding_cache_sees_the_normalised_image(ip_files, monkeypatch):
     _embeds(handle, ip_files, image)
     _embeds(handle, ip_files, torch.cat([image, torch.ones(1, 24, 20, 1)], dim=-1))
     assert len(calls) == 1  # RGBA of the same colours: the same image, encoded once
+
+
+@pytest.mark.faceid
+def test_face_embed_reads_rgba_grey_and_tiny_images(models_root):
+    from insightface_lib import face_image, write_insightface_models
+
+    from comfyui_diffusers_adapters.loaders import face_analysis
+    from comfyui_diffusers_adapters.loaders.face_analysis import FaceAnalysisError
+
+    write_insightface_models(models_root / "insightface", "tiny")
+    face_analysis.clear_cache()
+    image = face_image()
+    faces, crops = FaceIDEmbed().embed(image, "tiny", "CPU")
+    rgba = torch.cat([image, torch.zeros_like(image[..., :1])], dim=-1)
+    same, _ = FaceIDEmbed().embed(rgba, "tiny", "CPU")
+    assert torch.equal(same.embeddings, faces.embeddings)
+    grey = image.mean(dim=-1, keepdim=True)
+    assert FaceIDEmbed().embed(grey, "tiny", "CPU")[1].shape == crops.shape
+    for tiny in (torch.rand(1, 1, 1, 3), torch.rand(1, 2, 40, 1)):
+        with pytest.raises(FaceAnalysisError, match="No face was found in image 1"):
+            FaceIDEmbed().embed(tiny, "tiny", "CPU")
