@@ -10,6 +10,8 @@ that names the input and never shows pixel values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # More reference images than this is not a use of an IP-Adapter but a way to make one node run for
@@ -18,6 +20,10 @@ MAX_IMAGES = 128
 # Image encoders resize the shortest side to 224-448 px: a 1 x 4000 strip would become
 # 224 x 896,000. Panoramas are 4:1 to 8:1; 32:1 stays below 50 MB at the encoder.
 MAX_ASPECT_RATIO = 32
+# ComfyUI's own largest image side (nodes.MAX_RESOLUTION), and a total that 16 reference images of
+# 8192 x 8192 reach: a tensor beyond it is a view of a few bytes made huge (expand), not a photo.
+MAX_SIDE = 16384
+MAX_PIXELS = 2**30
 # Values a little outside 0..1 come from blending and upscaling nodes and are clipped (as SaveImage
 # does); far outside is another scale (0..255, -1..1) that clipping would read wrong.
 CLAMP_MARGIN = 0.5
@@ -54,6 +60,11 @@ def _check_layout(images: torch.Tensor, where: str) -> None:
         raise ImageInputError(f"{where}: the images are {width} x {height} pixels (empty).")
     if batch > MAX_IMAGES:
         raise ImageInputError(f"{where}: {batch} images; at most {MAX_IMAGES} are taken. Use fewer images.")
+    if max(height, width) > MAX_SIDE or batch * height * width > MAX_PIXELS:
+        raise ImageInputError(
+            f"{where}: {batch} images of {width} x {height} pixels; at most {MAX_SIDE} pixels a side and "
+            f"{MAX_PIXELS} pixels in all are taken. Scale them down first."
+        )
     if max(height, width) > MAX_ASPECT_RATIO * min(height, width):
         raise ImageInputError(
             f"{where}: the images are {width} x {height} pixels, more than {MAX_ASPECT_RATIO}:1; the "
@@ -70,15 +81,15 @@ def _as_float(images: torch.Tensor, where: str) -> torch.Tensor:
             "in 0..1 (or 8-bit integers, which are converted). Its scale is ambiguous: convert it first."
         )
     images = images.to(torch.float32)
-    if not bool(torch.isfinite(images).all()):
+    low, high = (float(v) for v in torch.aminmax(images))  # NaN and inf show in these two: no mask
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ImageInputError(f"{where}: the images contain NaN or infinite values.")
-    low, high = float(images.min()), float(images.max())
     if low < -CLAMP_MARGIN or high > 1 + CLAMP_MARGIN:
         raise ImageInputError(
             f"{where}: pixel values reach {low:.4g}..{high:.4g}; IMAGE pixels are 0..1 (is it 0..255 or "
             "-1..1 data?)."
         )
-    return images.clamp(0.0, 1.0)
+    return images if 0.0 <= low and high <= 1.0 else images.clamp(0.0, 1.0)
 
 
 def as_rgb_images(images: object, input_name: str) -> torch.Tensor:
@@ -94,4 +105,4 @@ def as_rgb_images(images: object, input_name: str) -> torch.Tensor:
         images = images[..., :3]  # LoadImage puts alpha on the MASK output, not into the colours
     elif channels in (1, 2):
         images = images[..., :1].expand(-1, -1, -1, 3)  # grey (its alpha dropped) as RGB
-    return images.contiguous()
+    return images.contiguous()  # a copy only where channels were dropped or expanded

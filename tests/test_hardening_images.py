@@ -59,6 +59,9 @@ REFUSED = {
     "4000x1": (torch.rand(1, 4000, 1, 3), "1 x 4000"),
     "too-many": (torch.rand(MAX_IMAGES + 1, 1, 1, 3), "at most"),
     "not-a-tensor": ([[0.0]], "list"),
+    # a view of 12 bytes that claims 100 images of 16000 x 16000 (copying it would need 300 GB)
+    "huge-view": (torch.zeros(1, 1, 1, 3).expand(100, 16000, 16000, 3), "Scale them down"),
+    "side-over-16384": (torch.zeros(1, 1, 1, 3).expand(1, 16385, 1024, 3), "16384 pixels a side"),
 }
 
 

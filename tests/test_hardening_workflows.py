@@ -450,7 +450,8 @@ for name, data in cases.items():
     path = os.path.join(work, name + ".json")
     open(path, "wb").write(data)
     codes[name] = cli.main(["run", path, "--models", os.path.join(work, "models")])
-for images in (torch.rand(1, 1, 4000, 3), torch.rand(1000, 1, 1, 3), torch.zeros(0, 64, 64, 3)):
+huge_view = torch.zeros(1, 1, 1, 3).expand(100, 16000, 16000, 3)
+for images in (torch.rand(1, 1, 4000, 3), torch.rand(1000, 1, 1, 3), torch.zeros(0, 64, 64, 3), huge_view):
     try:
         as_rgb_images(images, "image")
         codes[str(tuple(images.shape))] = "accepted"
@@ -484,5 +485,6 @@ def test_hostile_workflows_images_and_folders_under_a_memory_limit(tmp_path):
         "(1, 1, 4000, 3)": "refused",
         "(1000, 1, 1, 3)": "refused",
         "(0, 64, 64, 3)": "refused",
+        "(100, 16000, 16000, 3)": "refused",
         "loop-listing": [],
     }, done.stderr[-2000:]
