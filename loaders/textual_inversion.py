@@ -24,6 +24,9 @@ from .prompt_encoding import register_vector_tokens, unregister_vector_tokens
 
 TEXTUAL_INVERSION = StackKind("textual_inversion")
 EMBEDDING_PREFIX = "embedding:"
+# A token is added to the tokenizer's trie: bounded. `embedding:name` tokens hold a file name (at most
+# 4096 bytes, comfy_host); real tokens have a few dozen characters.
+MAX_TOKEN_CHARS = 4096 + len(EMBEDDING_PREFIX)
 # SDXL files name their two vector sets after the encoders; single-encoder files use "".
 _SLOTS = {"sdxl": (("clip_l", "text_encoder", "tokenizer"), ("clip_g", "text_encoder_2", "tokenizer_2"))}
 
@@ -122,6 +125,11 @@ def make_spec(
     embedding: Embedding, token: str, base: BaseModel, identity: tuple, label: str, bundled_in: str = ""
 ) -> TextualInversionSpec:
     """A validated spec: the embedding fits the pipeline's encoders and the token is new."""
+    if len(token) > MAX_TOKEN_CHARS:
+        raise TextualInversionError(
+            f"The token for {label} has {len(token)} characters; at most {MAX_TOKEN_CHARS} "
+            "(real tokens have a few dozen)."
+        )
     if not token.strip() or any(c.isspace() for c in token):
         raise TextualInversionError(f"Token {token!r} must be one word without spaces.")
     slots = _slots(embedding, base, label)
