@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 from pathlib import Path
@@ -194,9 +195,19 @@ def _inside(path: str | os.PathLike, real_root: Path) -> bool:
     return real == real_root or real_root in real.parents
 
 
+def _is_special(path: str) -> bool:
+    """A FIFO, socket or device (after links); a dangling link is not special (nothing can open it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
 def _check_links_inside(top: Path, real_root: Path, name: str) -> None:
-    """Every file and folder under the model folder `top` must resolve inside `real_root`: diffusers
-    and insightface open the files inside by themselves, following any link."""
+    """Every file and folder under the model folder `top` must resolve inside `real_root`, and every
+    file must be a regular one: diffusers and insightface open the files inside by themselves,
+    following any link."""
     count = 0
     for dirpath, dirnames, filenames in _walk_model_folder(top):
         for entry in (*dirnames, *filenames):
@@ -207,11 +218,16 @@ def _check_links_inside(top: Path, real_root: Path, name: str) -> None:
                     "few dozen."
                 )
             path = os.path.join(dirpath, entry)
+            shown = Path(path).relative_to(top).as_posix()
             if not _inside(path, real_root):
-                shown = Path(path).relative_to(top).as_posix()
                 raise ModelPathError(
                     f"Refused {name!r}: {shown} in it is a link that leads outside {real_root}. Copy the "
                     "file into the model folder instead."
+                )
+            if entry in filenames and _is_special(path):
+                raise ModelPathError(
+                    f"Refused {name!r}: {shown} in it is not a regular file (a FIFO, socket or device "
+                    "would block or never end when read)."
                 )
 
 

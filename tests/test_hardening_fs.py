@@ -223,3 +223,12 @@ def test_a_malformed_shard_index_is_named(diffusers_folder):
     (diffusers_folder / "unet" / "diffusion_pytorch_model.safetensors.index.json").write_text("[" * 100)
     with pytest.raises(ValueError, match="unet/diffusion_pytorch_model.safetensors.index.json"):
         _load("tiny")
+
+
+def test_a_fifo_inside_a_diffusers_folder_is_refused_not_waited_on(diffusers_folder):
+    """diffusers would open the FIFO and wait forever for a writer."""
+    config = diffusers_folder / "unet" / "config.json"
+    config.unlink()
+    os.mkfifo(config)
+    with pytest.raises(comfy_host.ModelPathError, match="unet/config.json.*not a regular file"):
+        _load("tiny")
