@@ -38,6 +38,7 @@ MAX_EMBEDDING_BYTES = 64 * 1024 * 1024
 # diffusers stores one tensor per sub-token (`tok`, `tok_1`, ...): at most MAX_VECTORS of them, twice
 # for SDXL; A1111/Kohya files hold one or two.
 MAX_EMBEDDING_TENSORS = 2 * MAX_VECTORS + 16
+MAX_EMBEDDING_PICKLE_BYTES = 1024 * 1024  # an embedding's data.pkl is under 10 KB
 
 
 def _safe_globals() -> list[Any]:
@@ -120,7 +121,7 @@ def _read_uncached(path: Path, size: int) -> Embedding:
     try:
         if suffix in SAFETENSORS_SUFFIXES:
             model_file = open_model_file(path)
-            if size > MAX_EMBEDDING_BYTES:
+            if size > MAX_EMBEDDING_BYTES or len(model_file.shapes) > MAX_EMBEDDING_TENSORS:
                 raise _too_large(path, size, model_file.shapes)
             meta = {k: torch.empty(s, device="meta") for k, s in model_file.shapes.items()}
             parse_embedding(meta, name=path.stem)  # reject a LoRA/checkpoint before reading tensors
@@ -142,7 +143,7 @@ def load_embedding_pickle(path: Path) -> Any:
     Numpy scalars come back as Python numbers. A pickle asking for anything else is refused with
     `ModelFileError` before any of it runs.
     """
-    scan_torch_pickle(path, max_tensors=MAX_EMBEDDING_TENSORS)
+    scan_torch_pickle(path, max_tensors=MAX_EMBEDDING_TENSORS, max_pickle_bytes=MAX_EMBEDDING_PICKLE_BYTES)
     try:
         with _allowing(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -182,10 +183,11 @@ def _item(value: Any) -> Any:
 
 def _too_large(path: Path, size: int, shapes: dict[str, tuple[int, ...]] | None) -> EmbeddingFormatError:
     hint = non_embedding_hint(shapes) if shapes else None
-    return EmbeddingFormatError(
-        f"{_size(size)} is too large for an embedding (they are a few KB)."
-        + (f" {hint}" if hint else " Is it a LoRA or a checkpoint?")
-    )
+    if size > MAX_EMBEDDING_BYTES:
+        what = f"{_size(size)} is too large for an embedding (they are a few KB)."
+    else:
+        what = f"{len(shapes)} tensors are more than an embedding holds (at most {MAX_EMBEDDING_TENSORS})."
+    return EmbeddingFormatError(what + (f" {hint}" if hint else " Is it a LoRA or a checkpoint?"))
 
 
 def _size(n: int) -> str:

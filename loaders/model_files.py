@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from ..converters.json_text import JsonTextError, parse_bounded_json
 from .file_errors import ModelFileError
-from .pickle_scan import scan_torch_pickle
+from .pickle_scan import MAX_TENSORS, scan_torch_pickle
 
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -123,6 +123,12 @@ def check_safetensors_header(path: Path) -> dict:
         raise ModelFileError(f"{name} has a corrupt safetensors header ({e}).") from None
     if not isinstance(header, dict):
         raise ModelFileError(f"{name} has a corrupt safetensors header (not a JSON object).")
+    count = len(header) - ("__metadata__" in header)
+    if count > MAX_TENSORS:
+        raise ModelFileError(
+            f"{name} declares {count} tensors, more than the {MAX_TENSORS} a model file may hold; "
+            "the file is corrupt or built to exhaust memory."
+        )
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ModelFileError(f"{name} has a corrupt safetensors header (__metadata__ must map text to text).")

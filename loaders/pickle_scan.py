@@ -39,7 +39,10 @@ from .file_errors import ModelFileError
 # real files stay at 1x (2x with a tied weight saved twice).
 MAX_DECLARED_FACTOR = 4
 MAX_DIMS = 8
-MAX_PICKLE_BYTES = 256 * 1024 * 1024  # data.pkl of an SDXL checkpoint with EMA: about 2 MB
+# The pickle part (data.pkl) of an SDXL checkpoint with EMA weights is about 1 MB (some 200 bytes per
+# tensor); unpickling costs up to ~30x its size in Python objects, so it is bounded too.
+MAX_PICKLE_BYTES = 32 * 1024 * 1024
+MAX_TENSORS = 100_000  # an SDXL checkpoint with EMA holds about 5,000
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 # Bytes per element of torch's storage classes (torch.<Name>Storage), as persistent ids name them.
@@ -223,17 +226,24 @@ def _unpickle(scanner: _Scanner, name: str):
         ) from None
 
 
-def scan_torch_pickle(path: Path, *, max_tensors: int | None = None, max_elements: int | None = None) -> None:
+def scan_torch_pickle(
+    path: Path,
+    *,
+    max_tensors: int = MAX_TENSORS,
+    max_elements: int | None = None,
+    max_pickle_bytes: int = MAX_PICKLE_BYTES,
+) -> None:
     """Check what the pickle at `path` declares (see the module docstring), plus the caller's bounds
     for its kind: at most `max_tensors` tensors, at most `max_elements` elements in all. Raises
-    ModelFileError; returns None when torch.load may read it."""
+    ModelFileError; returns None when torch.load may read it. `max_pickle_bytes` bounds the pickle
+    part (the tensors' data is not read)."""
     name = path.name
     try:
         size = path.stat().st_size
         if zipfile.is_zipfile(path):
-            scanner, storage_bytes = _scan_zip(path, name)
+            scanner, storage_bytes = _scan_zip(path, name, max_pickle_bytes)
         else:
-            scanner, storage_bytes = _scan_legacy(path, name, size)
+            scanner, storage_bytes = _scan_legacy(path, name, size, max_pickle_bytes)
     except OSError as e:
         raise ModelFileError(f"Cannot read {name}: {e.strerror or e}.") from e
     if scanner is None:
@@ -285,7 +295,7 @@ def _check_tensors(scanner: _Scanner, name: str, storage_bytes: int, max_tensors
         )
 
 
-def _scan_zip(path: Path, name: str) -> tuple[_Scanner | None, int]:
+def _scan_zip(path: Path, name: str, max_pickle_bytes: int) -> tuple[_Scanner | None, int]:
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()
@@ -298,7 +308,7 @@ def _scan_zip(path: Path, name: str) -> tuple[_Scanner | None, int]:
             pickles = [i for i in infos if i.filename.endswith("data.pkl") and i.filename.count("/") == 1]
             if len(pickles) != 1:
                 return None, 0
-            if pickles[0].file_size > MAX_PICKLE_BYTES:
+            if pickles[0].file_size > max_pickle_bytes:
                 raise ModelFileError(
                     f"{name}: its data.pkl has {pickles[0].file_size} bytes, beyond any real file."
                 )
@@ -321,11 +331,12 @@ def _scan_zip(path: Path, name: str) -> tuple[_Scanner | None, int]:
     return scanner, sum(s.nbytes for s in scanner.storages.values())
 
 
-def _scan_legacy(path: Path, name: str, size: int) -> tuple[_Scanner | None, int]:
+def _scan_legacy(path: Path, name: str, size: int, max_pickle_bytes: int) -> tuple[_Scanner | None, int]:
     """torch's legacy layout: magic number, protocol, system info, the object, the storage keys, then
     each storage's bytes (an 8-byte count first)."""
     with open(path, "rb") as f:
-        bounded = _Bounded(f, size)  # unbuffered: f.tell() is where each pickle ends
+        # unbuffered: f.tell() is where each pickle ends; the pickles come first and are bounded
+        bounded = _Bounded(f, min(size, max_pickle_bytes))
         magic = _unpickle(_Scanner(bounded, name), name)
         if magic != _LEGACY_MAGIC:
             return None, 0  # a bare pickle: torch.load refuses it (after its own weights_only checks)

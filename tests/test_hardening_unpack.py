@@ -257,7 +257,7 @@ def test_non_finite_ip_adapter_tensors_are_refused_naming_the_tensor(variant, va
 
 
 def test_a_non_finite_ip_adapter_file_is_named(tmp_path, models_root):
-    from lora_files import fresh_handle
+    from lora_fixtures import fresh_handle
 
     from comfyui_diffusers_adapters.loaders.ip_adapter_specs import IPAdapterInputs, with_ip_adapter
 
@@ -378,3 +378,25 @@ def test_hostile_files_are_refused_under_a_memory_limit(tmp_path):
     assert all(line.startswith("REFUSED") for line in lines), "\n".join(lines)
     growth_kb = int(run.stdout.split("GROWTH_KB ")[1].split()[0])
     assert growth_kb < 64 * 1024, run.stdout
+
+
+def test_too_many_tensors_are_refused_from_the_header(tmp_path):
+    from comfyui_diffusers_adapters.loaders.pickle_scan import MAX_TENSORS
+
+    # an embedding file of 600 one-number tensors: far more than an embedding has
+    save_file({f"t{i}": torch.zeros(1) for i in range(600)}, str(tmp_path / "many.safetensors"))
+    with pytest.raises(
+        EmbeddingFormatError, match="many.safetensors: 600 tensors are more than an embedding"
+    ):
+        read_embedding(tmp_path / "many.safetensors")
+    # any model file: a header of 100,001 empty tensors (5 MB) is refused before anything is built
+    entries = ", ".join(
+        f'"t{i}": {{"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}' for i in range(MAX_TENSORS + 1)
+    )
+    header = ("{" + entries + "}").encode()
+    path = tmp_path / "header.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(
+        ModelFileError, match="header.safetensors declares 100001 tensors, more than the 100000"
+    ):
+        open_model_file(path)
