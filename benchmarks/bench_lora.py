@@ -3,7 +3,7 @@
     python benchmarks/bench_lora.py [--device cpu|cuda] [--sizes sd15,sdxl] [--reps N] [--profile]
 
 Each size runs in its own process on a full-size UNet with random weights (SD1.5:
-`UNet2DConditionModel(cross_attention_dim=768)`; SDXL: tests/lora_files.SDXL_UNET) inside a pipeline
+`UNet2DConditionModel(cross_attention_dim=768)`; SDXL: tests/lora_fixtures.SDXL_UNET) inside a pipeline
 whose text encoders and VAE are the pack's tiny ones, and a Kohya LoRA file with Kohya's default targets
 on the UNet (every Linear / 1x1 Conv2d inside a Transformer2DModel: 192 layers on SD1.5, 722 on SDXL,
 written with SGM names for SDXL as real files are), rank 32, a different alpha per module, fp16.
@@ -83,13 +83,13 @@ def pack_module(name: str):
 
 
 def test_helpers():
-    """tests/lora_files.py (Kohya state dicts from real module names, the SDXL config, SGM names)."""
+    """tests/lora_fixtures.py (Kohya state dicts from real module names, the SDXL config, SGM names)."""
     name = "bench_lora_test_helpers"
     if name not in sys.modules:
         pack_module("loaders")  # the helpers import the pack by its package name, and testlib from tests/
         if str(ROOT / "tests") not in sys.path:
             sys.path.append(str(ROOT / "tests"))
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "lora_files.py")
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "lora_fixtures.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)

@@ -17,7 +17,7 @@ import pytest
 from embedding_files_lib import random_vectors, write_a1111_pt, write_diffusers_safetensors
 from insightface_lib import face_image, write_faceid, write_insightface_models
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
-from lora_files import write_kohya
+from lora_fixtures import write_kohya
 from PIL import Image
 from safetensors.torch import save_file
 from test_lora_references import write_lycoris

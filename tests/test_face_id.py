@@ -30,7 +30,7 @@ from insightface_lib import (  # noqa: E402
     write_insightface_models,
 )
 from ip_adapter_lib import write_vision_files
-from lora_files import fresh_handle, write_kohya
+from lora_fixtures import fresh_handle, write_kohya
 from PIL import Image
 
 from comfyui_diffusers_adapters.converters.ip_adapter_files import IPAdapterFormatError  # noqa: E402

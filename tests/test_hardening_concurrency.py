@@ -8,7 +8,7 @@ import threading
 import pytest
 import torch
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
-from lora_files import write_kohya
+from lora_fixtures import write_kohya
 from PIL import Image
 from safetensors.torch import save_file
 

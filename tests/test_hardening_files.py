@@ -15,7 +15,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ip_adapter_lib import flatten, ip_adapter_nested, tiny_vision_model, write_vision_files
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.loaders import base_models, embedding_files, lora_files, model_files

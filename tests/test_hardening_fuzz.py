@@ -12,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from ip_adapter_lib import ip_adapter_nested
-from lora_files import fresh_handle, pipeline_targets
+from lora_fixtures import fresh_handle, pipeline_targets
 
 from comfyui_diffusers_adapters.converters import checkpoint_layout
 from comfyui_diffusers_adapters.converters.checkpoint_layout import CheckpointFormatError

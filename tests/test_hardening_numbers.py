@@ -9,13 +9,13 @@ import math
 
 import pytest
 import torch
-from lora_files import fresh_handle, write_kohya
+from lora_fixtures import fresh_handle, write_kohya
 
 from comfyui_diffusers_adapters import NODE_CLASS_MAPPINGS
 from comfyui_diffusers_adapters.converters.block_scales import BlockScalesError, parse_block_scales
 from comfyui_diffusers_adapters.converters.ip_adapter_scales import IPAdapterScaleError
 from comfyui_diffusers_adapters.converters.ip_adapter_scales import parse_block_scales as parse_ip_scales
-from comfyui_diffusers_adapters.nodes.common import NodeInputError, check_number, number_specs
+from comfyui_diffusers_adapters.nodes.common import NodeInputError, check_number, number_specs, widget_specs
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
 
@@ -45,10 +45,30 @@ def test_every_number_input_refuses_hostile_values_naming_the_input(cls, name, k
     types = cls.INPUT_TYPES()
     args = {n: None for n in types["required"]}
     args.update({n: s["default"] for n, (_, s) in number_specs(types).items() if n in args})
+    args.update({n: "" for n, _ in widget_specs(types, ("STRING",)).items() if n in args})
     for value in _hostile(kind, spec):
         with pytest.raises(NodeInputError, match=rf"{cls.__name__} input '{name}'") as error:
             function(**{**args, name: value})
         assert len(str(error.value)) < 300
+
+
+def _text_and_boolean_inputs():
+    for _, cls in sorted(NODE_CLASS_MAPPINGS.items()):
+        for name, (kind, _spec) in widget_specs(cls.INPUT_TYPES(), ("STRING", "BOOLEAN")).items():
+            yield pytest.param(cls, name, kind, id=f"{cls.__name__}.{name}")
+
+
+@pytest.mark.parametrize("cls,name,kind", list(_text_and_boolean_inputs()))
+def test_text_and_boolean_inputs_refuse_other_types(cls, name, kind):
+    """An API prompt's "false" for a BOOLEAN would be true; a number or list for a STRING would fail
+    deep inside the node."""
+    types = cls.INPUT_TYPES()
+    args = {n: None for n in types["required"]}
+    args.update({n: s["default"] for n, (_, s) in number_specs(types).items() if n in args})
+    args.update({n: "" for n, _ in widget_specs(types, ("STRING",)).items() if n in args})
+    for value in ("false", 0, None) if kind == "BOOLEAN" else (5, None, ["a"], b"text"):
+        with pytest.raises(NodeInputError, match=rf"{cls.__name__} input '{name}'"):
+            getattr(cls(), cls.FUNCTION)(**{**args, name: value})
 
 
 def test_number_inputs_exist_and_have_bounds():

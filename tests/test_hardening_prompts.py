@@ -6,10 +6,15 @@ conds apart); equal lengths stay as they were; a normal run after a refusal equa
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 
 from comfyui_diffusers_adapters.loaders import prompt_encoding as pe
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
@@ -140,3 +145,65 @@ def test_equal_lengths_unchanged_and_no_mask(handle):
     got = conditioning(handle, chunks(3), chunks(3))
     assert got["prompt_embeds"].shape[1] == 77 * 3
     assert set(got) == {"prompt_embeds", "negative_prompt_embeds"}
+
+
+# ------------------------------------------------------------------ under a memory limit
+UNDER_LIMIT = textwrap.dedent(
+    """
+    import math, resource, sys
+    sys.path.insert(0, "tests")
+    import conftest  # noqa: F401  (imports the pack)
+    import torch
+    from lora_fixtures import fresh_handle
+    from test_hardening_prompts import ARGS, HOSTILE, chunks
+    from comfyui_diffusers_adapters.nodes.sampler import Sampler
+
+    def vm_bytes():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+
+    handle = fresh_handle()
+    legit = Sampler().sample(handle, chunks(3), chunks(2), *ARGS)[0]  # warm: every layer has run once
+    resource.setrlimit(resource.RLIMIT_AS, (vm_bytes() + int(sys.argv[1]), resource.RLIM_INFINITY))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    hostile = [(text, "") for text in HOSTILE.values()] + [("a cat", text) for text in HOSTILE.values()]
+    for positive, negative in hostile:
+        try:
+            Sampler().sample(handle, positive, negative, *ARGS)
+        except MemoryError as e:
+            print(f"MEMORY {e}")
+        except Exception as e:
+            print(f"REFUSED {type(e).__name__}: {str(e)[:100]}")
+        else:
+            print("SAMPLED")
+    images = Sampler().sample(handle, chunks(49), chunks(47), *ARGS)[0]  # lcm 2,303 chunks in ComfyUI
+    print("LONG_PAIR", tuple(images.shape), bool(torch.isfinite(images).all()))
+    assert torch.equal(Sampler().sample(handle, chunks(3), chunks(2), *ARGS)[0], legit)
+    print("GROWTH_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+    """
+)
+
+
+@pytest.mark.slow
+def test_hostile_prompts_under_a_memory_limit():
+    """Under an address-space limit of 512 MB above the warmed-up process, every hostile prompt is
+    refused with a PromptError (no MemoryError), a 49-chunk positive against a 47-chunk negative
+    samples, a normal run afterwards equals the first one, and peak resident memory grows by less
+    than 64 MB."""
+    run = subprocess.run(
+        [sys.executable, "-c", UNDER_LIMIT, str(512 * 2**20)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [
+        line for line in run.stdout.splitlines() if line.split(" ")[0] in ("REFUSED", "MEMORY", "SAMPLED")
+    ]
+    assert len(lines) == 2 * len(HOSTILE), run.stdout
+    assert all(line.startswith("REFUSED PromptError") for line in lines), "\n".join(lines)
+    assert "LONG_PAIR (1, 64, 64, 3) True" in run.stdout, run.stdout
+    growth_kb = int(run.stdout.split("GROWTH_KB ")[1].split()[0])
+    assert growth_kb < 64 * 1024, run.stdout

@@ -12,7 +12,7 @@ import pytest
 import torch
 from embedding_files_lib import random_vectors, write_diffusers_bin
 from ip_adapter_lib import write_vision_files
-from lora_files import fresh_handle, write_kohya
+from lora_fixtures import fresh_handle, write_kohya
 
 from comfyui_diffusers_adapters.loaders import base_models, embedding_files, image_encoders, lora_files
 from comfyui_diffusers_adapters.loaders.file_stamps import file_stamp, source_stamp
@@ -155,3 +155,10 @@ def test_tensors_read_from_a_file_do_not_follow_it_on_disk(tmp_path):
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert float(run.stdout.split()[-1]) == float(1 << 16)
+
+
+def test_a_fifo_named_like_a_model_file_does_not_hang_the_stamp(tmp_path):
+    fifo = tmp_path / "x.safetensors"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        file_stamp(fifo)

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 from embedding_files_lib import random_vectors, write_emb_params, write_sdxl
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 
 from comfyui_diffusers_adapters.loaders import embedding_files
 from comfyui_diffusers_adapters.loaders import prompt_encoding as pe
@@ -113,3 +113,9 @@ def test_embedding_prefix_without_a_name_through_the_sampler(models_root):
     handle = fresh_handle()
     image = Sampler().sample(handle, "a photo of embedding: cat", "", *ARGS)[0]
     assert torch.equal(image, Sampler().sample(handle, "a photo of cat", "", *ARGS)[0])
+
+
+def test_an_over_long_token_is_refused(models_root):
+    write_emb_params(models_root / "embeddings" / "e.safetensors", random_vectors(1, 64))
+    with pytest.raises(TextualInversionError, match="e.safetensors has 1000000 characters"):
+        LoadTextualInversion().load(fresh_handle(), "e.safetensors", "<" + "z" * 999_998 + ">")

@@ -488,3 +488,25 @@ def test_hostile_workflows_images_and_folders_under_a_memory_limit(tmp_path):
         "(100, 16000, 16000, 3)": "refused",
         "loop-listing": [],
     }, done.stderr[-2000:]
+
+
+def test_many_problems_and_huge_names_stay_a_few_short_lines(folders):
+    prompt = {str(i): {"class_type": "SaveImage", "inputs": {}} for i in range(500)}
+    code, err = run_cli(folders, json.dumps(prompt))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 21 and lines[-1] == "error: ... and 980 more problems."
+    code, err = run_cli(folders, json.dumps({"x" * 100_000: {"class_type": "y" * 100_000, "inputs": {}}}))
+    assert code == 2 and len(err) < 400
+    code, err = run_cli(folders, json.dumps({"x" * 100_000: 5}))
+    assert code == 2 and len(err) < 400
+
+
+def test_input_types_is_asked_once_per_class_per_run(folders, monkeypatch):
+    calls = []
+    real = Pass.INPUT_TYPES.__func__
+    monkeypatch.setattr(Pass, "INPUT_TYPES", classmethod(lambda cls: calls.append(1) or real(cls)))
+    WorkflowRunner(NODES).run(api_chain())
+    assert len(calls) == 1
+    calls.clear()
+    ui_to_api(ui([ui_node(i, "Pass") for i in range(1, 300)], []), NODES)
+    assert len(calls) == 1

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 from PIL import Image
 from safetensors.torch import save_file
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from ip_adapter_lib import write_vision_files
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 from PIL import Image
 from safetensors.torch import load_file
 from test_ip_adapter import reference_image, sample, setup_files

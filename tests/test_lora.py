@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_files import fresh_handle, lora_modules, write_kohya
+from lora_fixtures import fresh_handle, lora_modules, write_kohya
 from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError

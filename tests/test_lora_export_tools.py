@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_files import fresh_handle, write_kohya
+from lora_fixtures import fresh_handle, write_kohya
 
 from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 from comfyui_diffusers_adapters.nodes import comfy_host

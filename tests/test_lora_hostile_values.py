@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from lora_files import kohya_lora, lora_modules, pipeline_targets
+from lora_fixtures import kohya_lora, lora_modules, pipeline_targets
 
 from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.converters.lora_keys import parse_lora

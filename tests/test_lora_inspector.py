@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from lora_files import pipeline_targets
+from lora_fixtures import pipeline_targets
 from test_lora_keys import _lycoris
 
 from comfyui_diffusers_adapters.converters.lora_keys import parse_lora

@@ -2,7 +2,7 @@
 
 Files come from independent producers where they exist (peft, diffusers' own save format and Kohya
 converter, lycoris-lora) and otherwise from hand-written names derived from real module names
-(full-size architectures on the meta device, see tests/lora_files.py).
+(full-size architectures on the meta device, see tests/lora_fixtures.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from diffusers.loaders.lora_conversion_utils import (
 )
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.utils import convert_state_dict_to_diffusers
-from lora_files import (
+from lora_fixtures import (
     full_size,
     in_transformer,
     kohya_lora,

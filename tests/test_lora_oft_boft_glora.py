@@ -249,7 +249,7 @@ def test_kohya_oft_files():
     """Kohya sd-scripts' networks.oft: `oft_unet_<module>` keys, `oft_blocks` [dim, out/dim, out/dim] and
     `alpha` (the constraint, bound alpha · out). Its merge_to, written out: R = block_diag(m·R_k +
     (1 − m)·I) from the Cayley blocks, W' = einsum("oi, op -> pi", W, R)."""
-    from lora_files import pipeline_targets
+    from lora_fixtures import pipeline_targets
 
     from comfyui_diffusers_adapters.converters.lora_keys import parse_lora
     from testlib import tiny_pipeline

@@ -23,7 +23,7 @@ import copy
 
 import pytest
 import torch
-from lora_files import kohya_lora
+from lora_fixtures import kohya_lora
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import save_file

@@ -8,7 +8,7 @@ import gc
 
 import pytest
 import torch
-from lora_files import fresh_handle, write_kohya
+from lora_fixtures import fresh_handle, write_kohya
 
 from comfyui_diffusers_adapters.converters.lora_form import LoraFormatError
 from comfyui_diffusers_adapters.loaders import lora_files

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from embedding_files_lib import lora_bundle_keys, random_vectors, write_a1111_pt, write_emb_params, write_sdxl
-from lora_files import fresh_handle
+from lora_fixtures import fresh_handle
 from safetensors.torch import save_file
 
 from comfyui_diffusers_adapters.loaders import embedding_files, lora_files
@@ -150,7 +150,7 @@ def test_errors(models_root):
 
 
 def test_lora_with_bundled_embeddings_loads_them_and_unload_removes_them(models_root):
-    from lora_files import kohya_lora
+    from lora_fixtures import kohya_lora
 
     src = tiny_pipeline("sd1")
     torch.manual_seed(0)
