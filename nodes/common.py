@@ -1,4 +1,4 @@
-"""Names shared by the pack's nodes (ids, socket types, category) and the check of their number inputs."""
+"""Names shared by the pack's nodes (ids, socket types, category) and the check of their widget inputs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ CATEGORY = "Diffusers Adapters"
 PIPELINE = "DIFFUSERS_ADAPTERS_PIPELINE"
 FACEID = "DIFFUSERS_ADAPTERS_FACEID"  # face embeddings and crops from FaceIDEmbed
 NUMBER_TYPES = ("INT", "FLOAT")
+WIDGET_TYPES = (*NUMBER_TYPES, "STRING", "BOOLEAN")
 
 
 def node_id(name: str) -> str:
@@ -59,18 +60,37 @@ def check_number(where: str, kind: str, value: Any, spec: Mapping[str, Any]) -> 
 
 def number_specs(input_types: Mapping[str, Mapping[str, tuple]]) -> dict[str, tuple[str, dict]]:
     """name -> (INT or FLOAT, widget options) for every number input of a node's INPUT_TYPES."""
+    return widget_specs(input_types, NUMBER_TYPES)
+
+
+def widget_specs(input_types: Mapping[str, Mapping[str, tuple]], kinds: tuple) -> dict[str, tuple[str, dict]]:
+    """name -> (type, widget options) for every input of a node's INPUT_TYPES whose type is in `kinds`."""
     specs = {}
     for section in ("required", "optional"):
         for name, spec in input_types.get(section, {}).items():
-            if isinstance(spec[0], str) and spec[0] in NUMBER_TYPES:
+            if isinstance(spec[0], str) and spec[0] in kinds:
                 specs[name] = (spec[0], dict(spec[1]) if len(spec) > 1 else {})
     return specs
 
 
+def check_widget(where: str, kind: str, value: Any, spec: Mapping[str, Any]) -> Any:
+    """check_number for INT/FLOAT; STRING must be text and BOOLEAN a bool (an API prompt's "false"
+    would otherwise be true)."""
+    if kind in NUMBER_TYPES:
+        return check_number(where, kind, value, spec)
+    wanted = {"STRING": str, "BOOLEAN": bool}[kind]
+    if not isinstance(value, wanted):
+        raise NodeInputError(
+            f"{where} must be {'text' if kind == 'STRING' else 'true or false'}, got {shown(value)}."
+        )
+    return value
+
+
 def checks_numbers(cls: type) -> type:
     """Class decorator: the node's FUNCTION checks every INT/FLOAT input against the widget that
-    INPUT_TYPES declares for it (check_number) before it runs, so the check cannot drift from the
-    widgets. The widget specs are read once per class (INPUT_TYPES also lists model files)."""
+    INPUT_TYPES declares for it (check_number), and STRING/BOOLEAN inputs by type, before it runs, so
+    the check cannot drift from the widgets. The widget specs are read once per class (INPUT_TYPES
+    also lists model files)."""
     original: Callable = getattr(cls, cls.FUNCTION)
     signature = inspect.signature(original)
     read: dict[str, dict[str, tuple[str, dict]]] = {}
@@ -78,12 +98,12 @@ def checks_numbers(cls: type) -> type:
     @functools.wraps(original)
     def run(self, *args, **kwargs):
         if "specs" not in read:
-            read["specs"] = number_specs(cls.INPUT_TYPES())
+            read["specs"] = widget_specs(cls.INPUT_TYPES(), WIDGET_TYPES)
         bound = signature.bind(self, *args, **kwargs)
         for name, (kind, spec) in read["specs"].items():
             if name in bound.arguments:
                 where = f"{cls.__name__} input {name!r}"
-                bound.arguments[name] = check_number(where, kind, bound.arguments[name], spec)
+                bound.arguments[name] = check_widget(where, kind, bound.arguments[name], spec)
         return original(*bound.args, **bound.kwargs)
 
     setattr(cls, cls.FUNCTION, run)
