@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from pathlib import Path
 
 SAMPLE_BYTES = 64 * 1024
@@ -22,8 +23,13 @@ def file_stamp(path: str | os.PathLike) -> tuple:
     """(path, device, inode, size, mtime_ns, ctime_ns, content sample hash) of the file at `path`
     (links followed). Raises OSError when the file cannot be read."""
     path = Path(path)
-    with open(path, "rb") as f:
+    # O_NONBLOCK: opening a FIFO named like a model file must not wait for a writer (it is refused
+    # below); regular files ignore the flag.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
         st = os.fstat(f.fileno())  # the stat of the file opened, not of a name replaced meanwhile
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path.name} is not a regular file")
         sample = hashlib.blake2b(str(st.st_size).encode(), digest_size=16)
         sample.update(f.read(SAMPLE_BYTES))
         if st.st_size > SAMPLE_BYTES:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,7 +296,36 @@ def _check_tensors(scanner: _Scanner, name: str, storage_bytes: int, max_tensors
         )
 
 
+def zip_entry_count(path: Path) -> int | None:
+    """How many entries a zip's end record declares (zip64 included), read before `zipfile` builds an
+    object per entry; None when no end record is found (zipfile then refuses the file). Hand-written:
+    zipfile has no public way to read the count first."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(max(size - 65_557, 0))  # the end record (22 bytes) and a comment of at most 65,535
+        tail = f.read()
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) < at + 22:
+            return None
+        count = struct.unpack("<H", tail[at + 10 : at + 12])[0]
+        locator = tail.rfind(b"PK\x06\x07", 0, at)
+        if count == 0xFFFF and locator >= 0 and len(tail) >= locator + 20:
+            (offset,) = struct.unpack("<Q", tail[locator + 8 : locator + 16])
+            f.seek(offset)
+            record = f.read(56)
+            if len(record) == 56 and record[:4] == b"PK\x06\x06":
+                count = struct.unpack("<Q", record[32:40])[0]
+        return count
+
+
 def _scan_zip(path: Path, name: str, max_pickle_bytes: int) -> tuple[_Scanner | None, int]:
+    count = zip_entry_count(path)
+    if count is not None and count > MAX_TENSORS + 16:
+        raise ModelFileError(
+            f"{name} declares {count} zip entries; a PyTorch file has one per storage (at most "
+            f"{MAX_TENSORS}) and a few more. The file is corrupt or built to exhaust memory."
+        )
     try:
         with zipfile.ZipFile(path) as archive:
             infos = archive.infolist()

@@ -400,3 +400,16 @@ def test_too_many_tensors_are_refused_from_the_header(tmp_path):
         ModelFileError, match="header.safetensors declares 100001 tensors, more than the 100000"
     ):
         open_model_file(path)
+
+
+def test_a_zip_of_a_million_entries_is_refused_before_zipfile_reads_them(tmp_path, monkeypatch):
+    from comfyui_diffusers_adapters.loaders import pickle_scan
+
+    monkeypatch.setattr(pickle_scan, "MAX_TENSORS", 1000)  # the real bound, 100,000, takes a big file
+    path = tmp_path / "entries.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(2000):
+            z.writestr(f"archive/data/{i}", b"")
+    monkeypatch.setattr(zipfile, "ZipFile", None)  # reading the entries would fail the test
+    with pytest.raises(ModelFileError, match="entries.pt declares 2000 zip entries"):
+        pickle_scan.scan_torch_pickle(path)
