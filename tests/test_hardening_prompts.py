@@ -207,3 +207,37 @@ def test_hostile_prompts_under_a_memory_limit():
     assert "LONG_PAIR (1, 64, 64, 3) True" in run.stdout, run.stdout
     growth_kb = int(run.stdout.split("GROWTH_KB ")[1].split()[0])
     assert growth_kb < 64 * 1024, run.stdout
+
+
+def test_masked_lengths_on_sdxl_with_an_empty_and_a_real_negative():
+    handle = fresh_handle("sdxl")
+    for negative in ("", chunks(1)):
+        got = conditioning(handle, chunks(6), negative)
+        assert got["prompt_embeds"].shape[1] == 77 * 6 == got["negative_prompt_embeds"].shape[1]
+        image = Sampler().sample(handle, chunks(6), negative, *ARGS)[0]
+        assert image.shape == (1, 64, 64, 3) and torch.isfinite(image).all()
+    unet = handle.base.pipe.unet
+    assert "forward" not in vars(unet)  # the mask wrapper is gone after the run
+
+
+@pytest.mark.parametrize("with_ip_adapter", [False, True], ids=["sdxl", "sd1-ip-adapter"])
+def test_masked_run_equals_the_lcm_repeat(models_root, monkeypatch, with_ip_adapter):
+    """The same run with the repeat allowed up to the lcm (MAX_REPEAT raised) gives the same image, on
+    SDXL and with an IP-Adapter's processors (they mask the text tokens only)."""
+    if with_ip_adapter:
+        from test_ip_adapter import reference_image, setup_files
+
+        from comfyui_diffusers_adapters.nodes.apply_ip_adapter import ApplyIPAdapter
+
+        encoder_file, _, _ = setup_files(models_root, "base")
+        handle = ApplyIPAdapter().apply(
+            fresh_handle(), "base.safetensors", encoder_file, reference_image(), 0.8
+        )["result"][0]
+    else:
+        handle = fresh_handle("sdxl")
+    positive, negative = chunks(6), chunks(1)
+    masked = Sampler().sample(handle, positive, negative, *ARGS)[0]
+    monkeypatch.setattr(pe, "MAX_REPEAT", 6)
+    repeated = Sampler().sample(handle, positive, negative, *ARGS)[0]
+    torch.testing.assert_close(masked, repeated, rtol=0, atol=2e-5)
+    assert not torch.equal(masked, Sampler().sample(handle, positive, "", *ARGS)[0])
