@@ -51,8 +51,8 @@ def _run(args: argparse.Namespace) -> int:
         results = runner.run(workflow)
     except (runner_mod.WorkflowFormatError, runner_mod.WorkflowValidationError, NotImplementedError) as exc:
         # the workflow itself is wrong: exit status 2, one line per problem
-        problems = getattr(exc, "problems", None) or [str(exc)]
-        for problem in problems:
+        shown = exc.shown() if isinstance(exc, runner_mod.WorkflowValidationError) else [str(exc)[:300]]
+        for problem in shown:
             print(f"error: {problem}", file=sys.stderr)
         return 2
     except runner_mod.WorkflowError as exc:  # a node failed while running

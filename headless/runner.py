@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..nodes import comfy_host
-from .ui_workflow import WorkflowError, WorkflowFormatError, input_specs, is_combo, is_ui_workflow, ui_to_api
+from .ui_workflow import WorkflowError, WorkflowFormatError, is_combo, is_ui_workflow, specs_of, ui_to_api
 from .workflow_file import check_workflow, is_link, load_workflow, normalized_api_prompt, parse_workflow
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,25 @@ __all__ = [
 ]
 
 
+# What a person reads of a refused workflow: the first problems, each on one line of bounded length.
+MAX_PROBLEMS_SHOWN = 20
+MAX_PROBLEM_CHARS = 300
+
+
 class WorkflowValidationError(WorkflowError):
     """The workflow failed validation; `problems` lists one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
-        super().__init__("The workflow is not valid:\n" + "\n".join(f"- {p}" for p in self.problems))
+        super().__init__("The workflow is not valid:\n" + "\n".join(f"- {p}" for p in self.shown()))
+
+    def shown(self, limit: int = MAX_PROBLEMS_SHOWN, width: int = MAX_PROBLEM_CHARS) -> list[str]:
+        """The problems to show: the first `limit`, each cut to `width` characters (a workflow of
+        thousands of broken nodes, or a node id of a megabyte, must not flood the terminal)."""
+        lines = [p if len(p) <= width else p[: width - 3] + "..." for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"... and {len(self.problems) - limit} more problems.")
+        return lines
 
 
 _CONVERTERS = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}
@@ -132,12 +145,25 @@ class WorkflowRunner:
         self._objects: dict[tuple[str, str], Any] = {}
         self.executed: list[str] = []  # node ids executed by the last run (not from cache)
         self.outputs: dict[str, tuple] = {}  # every node's outputs in the last run
+        self._declared: dict[type, dict] = {}  # INPUT_TYPES() of each class, once per run
+
+    def _input_types(self, node_class: type) -> dict:
+        """A class's INPUT_TYPES(), asked once per run: it lists model folders, and a workflow may
+        have thousands of nodes of one class."""
+        if node_class not in self._declared:
+            declared = node_class.INPUT_TYPES()
+            self._declared[node_class] = declared if isinstance(declared, Mapping) else {}
+        return self._declared[node_class]
+
+    def _specs(self, node_class: type) -> list:
+        return specs_of(self._input_types(node_class))
 
     # ------------------------------------------------------------ entry point
     def run(self, workflow: Mapping, extra_pnginfo: dict | None = None) -> dict[str, dict]:
         """Run a workflow; returns `{node_id: {"ui": dict, "result": tuple}}` for every output
         node and every node that returned a `ui` dict, cached ones included."""
         check_workflow(workflow)
+        self._declared = {}
         if is_ui_workflow(workflow):
             prompt = ui_to_api(workflow, self.node_classes)
             if extra_pnginfo is None:
@@ -259,7 +285,7 @@ class WorkflowRunner:
         validate_params, validate_kwargs = _function_params(validate_fn) if validate_fn else (set(), False)
         received_types: dict[str, Any] = {}
         try:
-            specs = input_specs(node_class)
+            specs = self._specs(node_class)
         except Exception as exc:
             return [f"{where}: INPUT_TYPES failed: {exc}"]
 
@@ -344,9 +370,8 @@ class WorkflowRunner:
         return problems
 
     # ------------------------------------------------------------ inputs and signatures
-    @staticmethod
-    def _hidden_inputs(node_id: str, node_class: type, extra: dict) -> dict[str, Any]:
-        hidden = (node_class.INPUT_TYPES().get("hidden") or {}).items()
+    def _hidden_inputs(self, node_id: str, node_class: type, extra: dict) -> dict[str, Any]:
+        hidden = (self._input_types(node_class).get("hidden") or {}).items()
         values: dict[str, Any] = {}
         for name, kind in hidden:
             kind = kind[0] if isinstance(kind, (tuple, list)) else kind
@@ -363,7 +388,7 @@ class WorkflowRunner:
     def _constant_inputs(self, node_id, node, node_class, prompt, extra) -> dict[str, Any]:
         """Declared inputs with links replaced by None, plus hidden ones (what ComfyUI hands to
         IS_CHANGED and VALIDATE_INPUTS)."""
-        declared = {name for _, name, _, _ in input_specs(node_class)}
+        declared = {name for _, name, _, _ in self._specs(node_class)}
         values = {k: (None if _is_link(v) else v) for k, v in node["inputs"].items() if k in declared}
         values.update(
             self._hidden_inputs(node_id, node_class, extra or {"prompt": prompt, "extra_pnginfo": None})
@@ -380,7 +405,7 @@ class WorkflowRunner:
                 node["class_type"],
                 self._is_changed(node_id, node, node_class, prompt, extra),
             ]
-            hidden_kinds = (node_class.INPUT_TYPES().get("hidden") or {}).values()
+            hidden_kinds = (self._input_types(node_class).get("hidden") or {}).values()
             if getattr(node_class, "NOT_IDEMPOTENT", False) or "UNIQUE_ID" in hidden_kinds:
                 parts.append(("node", node_id))
             for name in sorted(node["inputs"]):
@@ -412,7 +437,7 @@ class WorkflowRunner:
     def _execute(self, node_id: str, node: dict, node_class: type, outputs: dict, extra: dict) -> _CacheEntry:
         class_type = node["class_type"]
         where = f"Node {node_id} ({class_type})"
-        specs = {name: options for _, name, _, options in input_specs(node_class)}
+        specs = {name: options for _, name, _, options in self._specs(node_class)}
         kwargs: dict[str, Any] = {}
         for name, value in node["inputs"].items():
             if name not in specs:

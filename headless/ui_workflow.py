@@ -170,7 +170,11 @@ def check_ui_workflow(workflow: Mapping) -> None:
 # ---------------------------------------------------------------- node class introspection
 def input_specs(node_class: type) -> list[tuple[str, str, Any, dict]]:
     """`(category, name, type, options)` for the required, then optional, inputs of a class."""
-    declared = node_class.INPUT_TYPES()
+    return specs_of(node_class.INPUT_TYPES())
+
+
+def specs_of(declared: Mapping) -> list[tuple[str, str, Any, dict]]:
+    """`input_specs` from what a class's INPUT_TYPES returned."""
     specs = []
     for category in ("required", "optional"):
         for name, spec in (declared.get(category) or {}).items():
@@ -225,7 +229,7 @@ class _Slot:
         return 1 + self.helpers
 
 
-def widget_layout(node_class: type) -> list[_Slot]:
+def widget_layout(node_class: type, specs: list | None = None) -> list[_Slot]:
     """The widgets of a node class in the order the frontend stores their values.
 
     Includes `forceInput` inputs (marked `forced`), which only very old workflows stored.
@@ -235,7 +239,7 @@ def widget_layout(node_class: type) -> list[_Slot]:
     """
     slots: list[_Slot] = []
     upload: _Slot | None = None
-    for category, name, input_type, options in input_specs(node_class):
+    for category, name, input_type, options in specs if specs is not None else input_specs(node_class):
         if not is_widget(input_type, options):
             continue
         forced = is_force_input(category, options)
@@ -267,9 +271,12 @@ def _api_value(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------- widgets_values -> inputs
-def assign_widget_values(node: Mapping, node_class: type, linked: set[str]) -> dict[str, Any]:
-    """Widget name -> value for a node, from its `widgets_values` (list or dict)."""
-    slots = widget_layout(node_class)
+def assign_widget_values(
+    node: Mapping, node_class: type, linked: set[str], slots: list[_Slot] | None = None
+) -> dict[str, Any]:
+    """Widget name -> value for a node, from its `widgets_values` (list or dict); `slots`: its
+    class's `widget_layout`, when the caller has it already."""
+    slots = widget_layout(node_class) if slots is None else slots
     values = node.get("widgets_values")
     result: dict[str, Any] = {}
     if isinstance(values, Mapping):
@@ -443,6 +450,7 @@ def ui_to_api(workflow: Mapping, node_classes: Mapping[str, type]) -> dict[str, 
     graph = _Graph(workflow)
     subgraph_ids = {sg.get("id") for sg in (workflow.get("definitions") or {}).get("subgraphs") or []}
     prompt: dict[str, dict] = {}
+    layouts: dict[type, list[_Slot]] = {}  # INPUT_TYPES once per class, not once per node
     for node_id, node in graph.nodes.items():
         node_type = node.get("type")
         mode = node.get("mode", 0)
@@ -465,7 +473,10 @@ def ui_to_api(workflow: Mapping, node_classes: Mapping[str, type]) -> dict[str, 
             for entry in ui_inputs
             if entry.get("link") is not None
         }
-        inputs = {name: _api_value(v) for name, v in assign_widget_values(node, node_class, linked).items()}
+        if node_class not in layouts:
+            layouts[node_class] = widget_layout(node_class)
+        widgets = assign_widget_values(node, node_class, linked, layouts[node_class])
+        inputs = {name: _api_value(v) for name, v in widgets.items()}
         for index, entry in enumerate(ui_inputs):
             if entry.get("link") is None:
                 continue
