@@ -395,7 +395,7 @@ def bench_sampler(base, steps: int, res: int, reps: int, warmup: int) -> dict:
         sync(device)
         t0 = time.perf_counter()
         args = (POSITIVE, NEGATIVE, seed, steps, CFG, res, res, 1, "euler", "normal", -1)
-        (images,) = node.sample(handle, *args)
+        images = node.sample(handle, *args)[0]
         sync(device)
         return time.perf_counter() - t0, images
 

@@ -257,16 +257,17 @@ def sample(
     on_step: StepCallback | None = None,
     extra: dict | None = None,
     latent: LatentInput | None = None,
+    decode: bool = True,
 ) -> Sampled:
-    """Images as ComfyUI IMAGE (float32 [batch, height, width, 3] in 0..1, on the CPU) and LATENT.
+    """Images as ComfyUI IMAGE (float32 [batch, height, width, 3] in 0..1, on the CPU; None when
+    not `decode`) and LATENT.
 
     The pipeline's scheduler is swapped for this run only and restored afterwards, also when
     `on_step` raises (interruption). `extra`: more pipeline keywords (IP-Adapter image embeds).
     `latent`: a checked LATENT input; then `s.denoise` applies and width/height/batch_size do not."""
     if latent is not None and denoise_steps(s.steps, s.denoise)[1] == 0:  # denoise 0: nothing to do
-        images = decode_latents(
-            pipe, to_model_space(latent.samples, pipe.vae.config).to(pipe.device, pipe.dtype)
-        )
+        unchanged = to_model_space(latent.samples, pipe.vae.config).to(pipe.device, pipe.dtype)
+        images = decode_latents(pipe, unchanged) if decode else None
         return Sampled(images, latent_output(latent.samples, latent))
     scheduler = make_scheduler(s.sampler_name, s.scheduler, dict(pipe.scheduler.config))
     conditioning, masks = _conditioning(pipe, s)
@@ -307,9 +308,8 @@ def sample(
     finally:
         runner.scheduler = original_scheduler
         unmask()
-    return Sampled(
-        decode_latents(pipe, latents), latent_output(from_model_space(latents, pipe.vae.config), latent)
-    )
+    images = decode_latents(pipe, latents) if decode else None
+    return Sampled(images, latent_output(from_model_space(latents, pipe.vae.config), latent))
 
 
 def run(
@@ -318,9 +318,11 @@ def run(
     on_step: StepCallback | None = None,
     offload_after: bool = False,
     latent: LatentInput | None = None,
+    decode: bool = True,
 ) -> Sampled:
-    """Sample images (ComfyUI IMAGE and LATENT) with exactly `handle`'s adapters applied; from
-    `latent` (checked with latents.read_latent) when given, else from noise of settings' size.
+    """Sample images (ComfyUI IMAGE, unless not `decode`, and LATENT) with exactly `handle`'s adapters
+    applied; from `latent` (checked with latents.read_latent) when given, else from noise of
+    settings' size.
 
     Each adapter kind's `during_sampling` hook prepares the run (IP-Adapter embeddings, per-step
     scale changes...) and undoes itself afterwards; `offload_after` moves the pipeline, and what the
@@ -345,7 +347,7 @@ def run(
                     for after in state.after_step:
                         after(i)
 
-                return sample(pipe, settings, step, state.pipeline_kwargs, latent)
+                return sample(pipe, settings, step, state.pipeline_kwargs, latent, decode)
         finally:
             if offload_after:
                 pipe.to("cpu")

@@ -7,7 +7,7 @@ from .face_id_embed import FaceIDEmbed
 from .load_dreambooth import LoadDreamBooth
 from .load_lora import ExportLoRA, LoadLoRA, UnloadLoRA
 from .load_textual_inversion import LoadTextualInversion
-from .sampler import Sampler
+from .sampler import LatentSampler, Sampler
 
 _NODES = {
     LoadDreamBooth: "Load DreamBooth Checkpoint (Diffusers)",
@@ -18,6 +18,7 @@ _NODES = {
     FaceIDEmbed: "FaceID Embed (insightface)",
     ExportLoRA: "Export LoRA to diffusers/PEFT",
     Sampler: "Diffusers Sampler",
+    LatentSampler: "Diffusers Sampler (Latent)",
 }
 
 NODE_CLASS_MAPPINGS = {node_id(cls.__name__): cls for cls in _NODES}

@@ -32,6 +32,7 @@ class Sampler:
         "The sampled latents (ComfyUI's LATENT: for Latent Upscale, a second sampler, VAE Decode).",
     )
     FUNCTION = "sample"
+    DECODES = True  # the IMAGE output (LatentSampler leaves it out)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -178,8 +179,22 @@ class Sampler:
             return ("JPEG", Image.fromarray(latent_preview(latents, family).numpy()), 512)
 
         hook = comfy_host.step_hook(steps, preview, family)
-        images, latent_out = run(handle, settings, hook, offload_after, latent)
-        return (images, latent_out)
+        images, latent_out = run(handle, settings, hook, offload_after, latent, self.DECODES)
+        return (images, latent_out) if self.DECODES else (latent_out,)
+
+
+class LatentSampler(Sampler):
+    """The Sampler without its IMAGE output, as the core KSampler: for chains that stay in latent
+    space (hires fix, several passes), where decoding every pass would cost a VAE decode each."""
+
+    DESCRIPTION = (
+        "Samples like Diffusers Sampler but gives only the LATENT, as the core KSampler does: for a hires "
+        "fix or other multi-pass chains, decode once at the end with VAE Decode."
+    )
+    DECODES = False
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("The sampled latents (ComfyUI's LATENT): for Latent Upscale, a sampler, VAE Decode.",)
 
 
 def _embedding_path(name: str):

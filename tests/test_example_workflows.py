@@ -108,7 +108,7 @@ def prepare(workflow: dict, root: Path, tmp: Path) -> None:
             values[4] = LBW_ON_TINY[values[4]]
         if node["type"] == "LoadImage":
             _image(tmp / "input", values[0], has_faces)
-        if node["type"] == node_id("Sampler"):
+        if node["type"] in (node_id("Sampler"), node_id("LatentSampler")):
             values[4], values[6], values[7] = 2, 64, 64  # steps, width, height
             for name in _prompt_embeddings(values[0]) + _prompt_embeddings(values[1]):
                 _embedding(root, name + ".pt", tmp)
@@ -118,7 +118,7 @@ def prepare(workflow: dict, root: Path, tmp: Path) -> None:
 def test_example_workflow_runs_end_to_end(models_root, tmp_path, example):
     workflow = json.loads((EXAMPLES / example).read_text(encoding="utf-8"))
     core = {"LoadImage", "SaveImage", "PreviewImage", "Note", "VAEDecode", "VAEEncode", "VAEEncodeForInpaint"}
-    known = set(FILE_WIDGETS) | {node_id("Sampler"), "LatentUpscaleBy"} | core
+    known = set(FILE_WIDGETS) | {node_id("Sampler"), node_id("LatentSampler"), "LatentUpscaleBy"} | core
     unknown = {n["type"] for n in workflow["nodes"]} - known
     assert not unknown, f"{example}: no tiny files for {unknown}; extend FILE_WIDGETS"
     prepare(workflow, models_root, tmp_path)
