@@ -194,9 +194,12 @@ class Sampled(NamedTuple):
 def _image_to_image(pipe: DiffusionPipeline) -> DiffusionPipeline:
     """diffusers' image-to-image pipeline on the same components (nothing copied)."""
     if isinstance(pipe, StableDiffusionXLPipeline):
-        force_zeros = pipe.config.force_zeros_for_empty_prompt
-        return StableDiffusionXLImg2ImgPipeline(**pipe.components, force_zeros_for_empty_prompt=force_zeros)
-    return StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+        zeros = pipe.config.force_zeros_for_empty_prompt
+        img2img = StableDiffusionXLImg2ImgPipeline(**pipe.components, force_zeros_for_empty_prompt=zeros)
+    else:
+        img2img = StableDiffusionImg2ImgPipeline(**pipe.components, requires_safety_checker=False)
+    img2img.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))  # as the base pipeline's
+    return img2img
 
 
 class _Start(NamedTuple):
