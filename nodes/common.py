@@ -93,16 +93,17 @@ def checks_numbers(cls: type) -> type:
     also lists model files)."""
     original: Callable = getattr(cls, cls.FUNCTION)
     signature = inspect.signature(original)
-    read: dict[str, dict[str, tuple[str, dict]]] = {}
+    read: dict[type, dict[str, tuple[str, dict]]] = {}  # per class: subclasses inherit the function
 
     @functools.wraps(original)
     def run(self, *args, **kwargs):
-        if "specs" not in read:
-            read["specs"] = widget_specs(cls.INPUT_TYPES(), WIDGET_TYPES)
+        node = type(self)
+        if node not in read:
+            read[node] = widget_specs(node.INPUT_TYPES(), WIDGET_TYPES)
         bound = signature.bind(self, *args, **kwargs)
-        for name, (kind, spec) in read["specs"].items():
+        for name, (kind, spec) in read[node].items():
             if name in bound.arguments:
-                where = f"{cls.__name__} input {name!r}"
+                where = f"{node.__name__} input {name!r}"
                 bound.arguments[name] = check_widget(where, kind, bound.arguments[name], spec)
         return original(*bound.args, **bound.kwargs)
 

@@ -49,7 +49,6 @@ HOSTILE = {
     "absurd-negative-weight": "a (cat:-1000) dog",
     "nested-past-bound": "a (((cat:100))) dog" + ", ((((dog)):100))",
     "embedding-repeats": "embedding:x " * (pe.MAX_EMBEDDING_REFERENCES + 1),
-    "not-text": None,
 }
 
 
@@ -68,6 +67,8 @@ def test_bounds_leave_real_prompts_alone(handle):
     pe.check_prompt("(" * pe.MAX_NESTING + "cat" + ")" * pe.MAX_NESTING, "positive prompt")
     pe.check_prompt(f"(cat:{pe.MAX_WEIGHT}) (dog:-{pe.MAX_WEIGHT}) (x:0)", "positive prompt")
     pe.check_prompt("a " * (pe.MAX_PROMPT_CHARS // 2), "positive prompt")
+    with pytest.raises(pe.PromptError, match="negative prompt must be text"):
+        pe.check_prompt(None, "negative prompt")  # the Sampler node refuses it first (NodeInputError)
 
 
 def test_unbalanced_and_escaped_parentheses_are_not_nesting():
