@@ -75,10 +75,10 @@ def detect_family(shapes: Shapes) -> str:
         raise CheckpointFormatError(
             f"This checkpoint's first UNet convolution has shape {list(conv_in)}; the file is corrupt."
         )
-    if conv_in is not None and conv_in[1] != 4:
+    if conv_in is not None and conv_in[1] not in (4, 9):
         raise CheckpointFormatError(
-            f"This checkpoint's UNet takes {conv_in[1]} input channels (an inpainting or "
-            "other special model); only text-to-image models with 4 latent channels are supported."
+            f"This checkpoint's UNet takes {conv_in[1]} input channels (an instruct-pix2pix, depth or "
+            "other special model); text-to-image models (4 channels) and inpainting models (9) are supported."
         )
     if _has_prefix(shapes, SDXL_CLIP_L) and _has_prefix(shapes, SDXL_CLIP_G):
         return "sdxl"

@@ -19,7 +19,9 @@ from accelerate import init_empty_weights
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
@@ -277,6 +279,18 @@ def load_single_file(
 
 
 # ---------------------------------------------------------------- diffusers folders
+def _text_to_image(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """An inpainting folder's pipeline as its text-to-image class on the same components: the
+    sampler picks the inpaint pipeline from the UNet's input channels, as for single files."""
+    if isinstance(pipe, StableDiffusionXLInpaintPipeline):
+        return StableDiffusionXLPipeline(
+            **pipe.components, force_zeros_for_empty_prompt=True, add_watermarker=False
+        )
+    if isinstance(pipe, StableDiffusionInpaintPipeline):
+        return StableDiffusionPipeline(**pipe.components, requires_safety_checker=False)
+    return pipe
+
+
 def family_of_pipeline(pipe: DiffusionPipeline) -> str:
     if isinstance(pipe, StableDiffusionXLPipeline):
         return "sdxl"
@@ -316,6 +330,7 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, prediction: str = "a
         )
     except (OSError, ValueError, TypeError) as e:
         raise BaseModelError(f"Could not load the diffusers folder {folder.name}: {e}") from e
+    pipe = _text_to_image(pipe)
     family = family_of_pipeline(pipe)
     if prediction != "auto":
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)

@@ -18,7 +18,9 @@ import torch
 from diffusers import (
     DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 
@@ -236,6 +238,65 @@ def _start(pipe, latent: LatentInput, s: SamplingSettings, scheduler, device, dt
     return _Start(img2img, kwargs, x0, noise, timesteps)
 
 
+def is_inpainting(pipe: DiffusionPipeline) -> bool:
+    """An inpainting UNet: 9 input channels (latents, the mask, the masked image's latents)."""
+    return pipe.unet.config.in_channels == 2 * pipe.unet.config.out_channels + 1
+
+
+def empty_latent(s: SamplingSettings, channels: int) -> LatentInput:
+    """What `Empty Latent Image` gives for the settings' size and batch."""
+    return LatentInput(torch.zeros(s.batch_size, channels, s.height // 8, s.width // 8))
+
+
+def _inpainting(pipe, latent: LatentInput, s: SamplingSettings, scheduler) -> tuple[DiffusionPipeline, dict]:
+    """An inpainting checkpoint through diffusers' inpaint pipeline on the same components.
+
+    As ComfyUI feeds such a model: the mask is the LATENT's noise mask (all ones without one), the
+    masked image's latents are the LATENT itself (VAE Encode (for Inpainting) greys the masked
+    pixels) or, without a mask, the latents of a grey image. diffusers' pipeline resizes and
+    binarizes the mask and, for a 9-channel UNet, does not paste the unmasked region back."""
+    total, run_steps = denoise_steps(s.steps, s.denoise)
+    x0 = to_model_space(latent.samples, pipe.vae.config)
+    batch, _, h, w = x0.shape
+    height, width = h * pipe.vae_scale_factor, w * pipe.vae_scale_factor
+    if latent.noise_mask is None:
+        mask = torch.ones(batch, 1, height, width)
+        with torch.inference_mode():
+            grey = torch.zeros(1, 3, height, width, device=pipe.device, dtype=pipe.vae.dtype)
+            masked = pipe.vae.encode(grey).latent_dist.mode().float().cpu()
+        masked = to_model_space(masked, pipe.vae.config).expand(batch, -1, -1, -1)
+    else:
+        mask = latent_mask(latent.noise_mask, (batch, 1, height, width))
+        masked = x0
+    cls = (
+        StableDiffusionXLInpaintPipeline
+        if isinstance(pipe, StableDiffusionXLPipeline)
+        else StableDiffusionInpaintPipeline
+    )
+    extra = (
+        {"requires_aesthetics_score": False}
+        if cls is StableDiffusionXLInpaintPipeline
+        else {"requires_safety_checker": False}
+    )
+    runner = cls(**pipe.components, **extra)
+    runner.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
+    device, dtype = pipe.device, pipe.dtype
+    kwargs = {
+        "image": x0.to(device, dtype),
+        "mask_image": mask,
+        "masked_image_latents": masked.to(device, dtype),
+        "height": height,
+        "width": width,
+        "num_inference_steps": total,
+        "strength": 1.0 if run_steps == total else min((run_steps + 0.5) / total, 1.0),
+    }
+    if run_steps == total:  # ComfyUI's noise, batch_index included; the pipeline scales it
+        kwargs["latents"] = comfy_noise(s.seed, x0.shape, latent.batch_index).to(device, dtype)
+    else:  # the pipeline adds its own draw, which equals ComfyUI's without a batch_index
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(s.seed)
+    return runner, kwargs
+
+
 def _masked(step_end, start: _Start, mask: torch.Tensor):
     """Wrap a step callback: the unmasked region goes back to the input latent noised to the next
     step's level (at the end: the input latent), as ComfyUI's KSamplerX0Inpaint and diffusers'
@@ -281,7 +342,11 @@ def sample(
         return tensors
 
     runner = pipe
-    if latent is None:
+    if is_inpainting(pipe):
+        latent = latent or empty_latent(s, pipe.vae.config.latent_channels)
+        runner, kwargs = _inpainting(pipe, latent, s, scheduler)
+        batch = latent.samples.shape[0]
+    elif latent is None:
         kwargs = {
             "width": s.width,
             "height": s.height,
