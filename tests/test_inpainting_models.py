@@ -84,3 +84,24 @@ def test_an_inpainting_model_without_a_latent_draws_from_noise(loaded):
     a, _ = Sampler().sample(handle, "a red apple", "", 4, 3, **ARGS)
     b, _ = Sampler().sample(handle, "a red apple", "", 5, 3, **ARGS)
     assert a.shape == (1, 64, 64, 3) and not torch.equal(a, b)
+
+
+def test_an_sdxl_inpainting_model_samples_with_a_mask():
+    from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle
+
+    pipe = tiny_pipeline("sdxl")
+    torch.manual_seed(3)
+    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 9}).eval()
+    handle = PipelineHandle(
+        base_models.BaseModel(pipe, "sdxl", "tiny", torch.float32, torch.device("cpu"), "epsilon")
+    )
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 32:] = 1.0
+    latent = {
+        "samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)),
+        "noise_mask": mask,
+    }
+    images, out = Sampler().sample(handle, "a red apple", "", 4, 3, **ARGS, latent_image=latent)
+    again, _ = Sampler().sample(handle, "a red apple", "", 4, 3, **ARGS, latent_image=latent)
+    assert images.shape == (1, 64, 64, 3) and torch.equal(images, again)
+    assert out["samples"].shape == (1, 4, 8, 8) and not torch.equal(out["samples"], latent["samples"])
