@@ -326,7 +326,7 @@ def bench_family(family: str, args, comfy, pack, workdir: Path) -> dict:
     )
     t0 = time.perf_counter()
     pack_dtype = "fp16" if device == "cuda" else "fp32"
-    handle, info = pack["LoadDreamBooth"]().load(path.name, pack_dtype, device)["result"]
+    handle, info = pack["LoadDreamBooth"]().load(path.name, pack_dtype, device)["result"][:2]
     print(f"pack loaded it in {time.perf_counter() - t0:.1f} s: {info.splitlines()[0]}", flush=True)
     if device == "cpu":
         shared = share_unet_weights(handle.base.pipe.unet, comfy_side.model, pack["unet_to_ldm"])

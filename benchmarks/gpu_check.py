@@ -150,7 +150,7 @@ def full_size_fp16_check(root: Path) -> None:
     path = _fullsize.write_checkpoint("sd15", root / "checkpoints", torch.float16, device)
     pipes, images = {}, {}
     for dtype in ("fp32", "fp16"):
-        handle, _ = LoadDreamBooth().load(path.name, dtype, device)["result"]
+        handle, _ = LoadDreamBooth().load(path.name, dtype, device)["result"][:2]
         images[dtype] = Sampler().sample(
             handle, PROMPT, NEGATIVE, 11, steps, 7.0, size, size, 1, "euler", "normal", -1
         )[0]
@@ -278,11 +278,11 @@ def main() -> int:
                 str(root / "checkpoints" / f"{family}.safetensors"),
             )
             name = f"{family}.safetensors"
-            cpu, _ = LoadDreamBooth().load(name, "fp32", "cpu")["result"]
-            gpu32, _ = LoadDreamBooth().load(name, "fp32", DEVICE)["result"]
+            cpu, _ = LoadDreamBooth().load(name, "fp32", "cpu")["result"][:2]
+            gpu32, _ = LoadDreamBooth().load(name, "fp32", DEVICE)["result"][:2]
             gpu16, info = LoadDreamBooth().load(name, "auto" if DEVICE == "cuda" else "fp16", DEVICE)[
                 "result"
-            ]
+            ][:2]
             check(
                 f"{family} auto dtype/device",
                 gpu16.base.dtype == torch.float16 and gpu16.base.device.type == DEVICE,
@@ -294,7 +294,7 @@ def main() -> int:
             check(
                 f"{family} cuda fp32 = cpu fp32 (same seed, CPU generator)", d32 < 2e-2, f"max diff {d32:.2e}"
             )
-            cpu16, _ = LoadDreamBooth().load(name, "fp16", "cpu")["result"]
+            cpu16, _ = LoadDreamBooth().load(name, "fp16", "cpu")["result"][:2]
             for where, handle in {"cpu": cpu16, DEVICE: gpu16}.items():  # one entry on --dry-run
                 pack_image = Sampler().sample(
                     handle, PROMPT, NEGATIVE, 1, 8, 5.0, 128, 128, 1, "euler", "normal", -1

@@ -63,13 +63,17 @@ class EmbeddingFormatError(ValueError):
     """An object that is not a textual-inversion embedding, or a broken one."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class Embedding:
     """Vectors per encoder slot ("" or "clip_l"/"clip_g"), each `[n_vectors, width]`. Read-only."""
 
     vectors: Mapping[str, torch.Tensor]
     name: str | None
     format: str
+
+    def __repr__(self) -> str:  # no tensor values: these end up in error messages
+        shapes = {slot: tuple(v.shape) for slot, v in self.vectors.items()}
+        return f"Embedding({self.name!r}, {self.format}, {shapes})"
 
     @property
     def n_vectors(self) -> int:

@@ -60,7 +60,7 @@ class IPAdapterFormatError(ValueError):
     """A file that is not an IP-Adapter this pack can load (with where it belongs, if known)."""
 
 
-@dataclass
+@dataclass(repr=False)
 class IPAdapterFile:
     image_proj: dict[str, Any]
     ip_adapter: dict[str, Any]
@@ -73,6 +73,10 @@ class IPAdapterFile:
     cross_attention_dim: int
     num_tokens: int
     has_lora: bool
+
+    def __repr__(self) -> str:  # no tensor values: these end up in error messages
+        return f"IPAdapterFile({self.variant}, {self.family}, tokens={self.num_tokens}, lora={self.has_lora})"
+
     id_embed_dim: int | None = None  # insightface embedding width (FaceID variants), else None
 
     @property

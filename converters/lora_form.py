@@ -19,7 +19,7 @@ class LoraFormatError(ValueError):
     """A LoRA-family file that cannot be used: unknown layout, wrong family, inconsistent shapes."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class LayerPatch:
     """One layer's adapter, in the trainer's own tensors (nothing is multiplied out yet).
 
@@ -37,8 +37,12 @@ class LayerPatch:
     rank: int | None = None
     dora_axis: int = 1  # axis of the weight that dora_scale normalizes over (1: LyCORIS/Kohya [out, 1])
 
+    def __repr__(self) -> str:  # no tensor values: these end up in error messages
+        names = sorted(self.tensors)
+        return f"LayerPatch({self.algorithm}, rank={self.rank}, alpha={self.alpha}, tensors={names})"
 
-@dataclass(frozen=True, eq=False)
+
+@dataclass(frozen=True, eq=False, repr=False)
 class LoraFile:
     """A parsed LoRA-family file in canonical form."""
 
@@ -51,3 +55,9 @@ class LoraFile:
 
     def layer_count(self, part: str) -> int:
         return len(self.patches.get(part, {}))
+
+    def __repr__(self) -> str:  # no tensor values: these end up in error messages
+        layers = {p: len(m) for p, m in self.patches.items()}
+        return (
+            f"LoraFile({self.format}, family={self.family}, layers={layers}, unmatched={len(self.unmatched)})"
+        )

@@ -9,7 +9,6 @@ at a time, so peak memory stays near the checkpoint's size.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +48,7 @@ from .model_files import (
 from .model_folders import check_shard_indexes
 from .pipeline_layout import PipelineLayout, layout_of, module_shapes
 from .schedulers import default_scheduler
+from .stamp_cache import StampCache
 from .tokenizers import END_OF_TEXT, OPEN_CLIP_PAD, clip_tokenizer
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,7 +60,7 @@ class BaseModelError(ValueError):
     """A base model that cannot be loaded (wrong kind of file, unsupported family)."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class BaseModel:
     """One loaded base pipeline, shared by every handle that refers to it.
 
@@ -78,6 +78,10 @@ class BaseModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
     applied: tuple = ()  # adapter specs currently applied to `pipe`, in order
     kind_state: dict = field(default_factory=dict)  # adapter kind name -> what it needs to undo itself
+
+    def __repr__(self) -> str:  # short: ComfyUI prints a failed node's inputs (see KeyedSpec)
+        return f"BaseModel({self.family}, {Path(self.source).name}, {self.dtype}, {self.device})"
+
     layout: PipelineLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -339,8 +343,8 @@ def load_diffusers_folder(folder: Path, dtype: torch.dtype, prediction: str = "a
 
 
 # ---------------------------------------------------------------- cache
-_cache: OrderedDict[tuple, BaseModel] = OrderedDict()
-_cache_lock = threading.Lock()
+# Pipelines are large: built under the cache's lock, so two nodes asking for one load it once.
+_cache: StampCache[BaseModel] = StampCache(CACHE_SIZE, build_under_lock=True)
 
 
 def _source_key(path: Path) -> tuple:
@@ -358,27 +362,25 @@ def load_base_model(
         )
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    key = (str(path), _source_key(path), torch_dtype, str(dev), prediction)
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-        # A file changed on disk: forget its stale entries before loading the new one.
-        for stale in [k for k in _cache if k[0] == str(path)]:
-            del _cache[stale]
-        loader = load_diffusers_folder if path.is_dir() else load_single_file
-        pipe, family, pred, info = loader(path, torch_dtype, prediction)
-        pipe.to(dev)
-        pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))
-        for model in (pipe.unet, pipe.vae):
-            skip_signature_lookups(model)
-        base = BaseModel(pipe, family, str(path), torch_dtype, dev, pred, info)
-        _cache[key] = base
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-        return base
+    stamp = _source_key(path)
+    # A file changed on disk: forget its stale entries (every dtype and device) before loading it.
+    _cache.discard(lambda key, old: key[0] == str(path) and old != stamp)
+    return _cache.get(
+        (str(path), torch_dtype, str(dev), prediction),
+        stamp,
+        lambda: _load(path, torch_dtype, dev, prediction),
+    )
+
+
+def _load(path: Path, torch_dtype: torch.dtype, dev: torch.device, prediction: str) -> BaseModel:
+    loader = load_diffusers_folder if path.is_dir() else load_single_file
+    pipe, family, pred, info = loader(path, torch_dtype, prediction)
+    pipe.to(dev)
+    pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))
+    for model in (pipe.unet, pipe.vae):
+        skip_signature_lookups(model)
+    return BaseModel(pipe, family, str(path), torch_dtype, dev, pred, info)
 
 
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()

@@ -16,8 +16,6 @@ pack's LoRA patcher beside the user's LoRAs.
 from __future__ import annotations
 
 import hashlib
-import threading
-from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -36,13 +34,14 @@ from .base_models import BaseModel
 from .image_encoders import image_processor
 from .lora_patcher import LoraSpec
 from .pipeline_handle import KeyedSpec, SamplingRun
+from .stamp_cache import StampCache
 
 EMBEDS_CACHE_SIZE = 32
-_embeds_cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-_embeds_lock = threading.Lock()
+# Keyed by the encoder (its file stamp inside encoder_key) and the images' content: no stamp of its own.
+_embeds_cache: StampCache[tuple[torch.Tensor, torch.Tensor]] = StampCache(EMBEDS_CACHE_SIZE)
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class IPAdapterSpec(KeyedSpec):
     """One IP-Adapter with its reference images' embeddings ([1, n_images, ...]) and scale."""
 
@@ -65,7 +64,7 @@ class IPAdapterSpec(KeyedSpec):
         return IP_ADAPTER
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class FaceIDLoraSpec(LoraSpec):
     """The LoRA inside a FaceID file, on the socket beside its IPAdapterSpec. The pack's LoRA patcher
     merges it with the user's LoRAs; it belongs to the IP-Adapter, so Unload LoRAs keeps it and it
@@ -158,10 +157,10 @@ def encode_images(
     them in `encode_image`: image_embeds (negative: zeros) or, for Plus-style adapters, the penultimate
     hidden states (negative: those of a zero image). Shapes [1, n, ...], cached by image content."""
     key = (encoder_key, image_digest(images), hidden_states)
-    with _embeds_lock:
-        if key in _embeds_cache:
-            _embeds_cache.move_to_end(key)
-            return _embeds_cache[key]
+    return _embeds_cache.get(key, None, lambda: _encode(encoder, images, hidden_states))
+
+
+def _encode(encoder, images: torch.Tensor, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     # channels_last: the processor would otherwise guess channels-first for a 1x1 or 3x3 image
     processed = image_processor(encoder.config.image_size)(
@@ -176,12 +175,7 @@ def encode_images(
         else:
             positive = encoder(processed).image_embeds
             negative = torch.zeros_like(positive)
-    result = (positive[None].cpu(), negative[None].cpu())
-    with _embeds_lock:
-        _embeds_cache[key] = result
-        while len(_embeds_cache) > EMBEDS_CACHE_SIZE:
-            _embeds_cache.popitem(last=False)
-    return result
+    return positive[None].cpu(), negative[None].cpu()
 
 
 def ip_adapter_inputs(adapters: tuple, guidance: bool, device, dtype) -> dict:

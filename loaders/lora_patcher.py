@@ -27,7 +27,7 @@ ModuleKey = tuple[str, str]  # (part, module path)
 Contribution = tuple  # ((spec, strength), ...) in application order
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class LoraSpec(KeyedSpec):
     """One LoRA on the pipeline socket. Equal to another spec when file and settings are equal."""
 

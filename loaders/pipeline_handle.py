@@ -73,14 +73,29 @@ class KeyedSpec:
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and self.key == other.key
 
+    def __repr__(self) -> str:
+        # Short: ComfyUI writes a failed node's inputs into its error and history with str();
+        # the tensors a spec holds would make that megabytes long.
+        return f"{type(self).__name__}({_short(self.key)})"
+
     def __hash__(self) -> int:
         return hash(self.key)
 
 
-@dataclass(frozen=True)
+def _short(value: object, limit: int = 200) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, repr=False)
 class PipelineHandle:
     base: BaseModel
     adapters: tuple = ()
+
+    def __repr__(self) -> str:
+        adapters = ", ".join(repr(s) for s in self.adapters[:20])
+        more = f", ... {len(self.adapters) - 20} more" if len(self.adapters) > 20 else ""
+        return f"PipelineHandle({self.base!r}, adapters=[{adapters}{more}])"
 
     def with_adapter(self, spec: AdapterSpec) -> PipelineHandle:
         return PipelineHandle(self.base, self.adapters + (spec,))

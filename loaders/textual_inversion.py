@@ -62,7 +62,7 @@ def _slots(embedding: Embedding, base: BaseModel, name: str) -> list[tuple[str, 
     return slots
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, repr=False)
 class TextualInversionSpec(KeyedSpec):
     """One embedding on the pipeline socket, under `token`."""
 

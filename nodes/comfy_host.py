@@ -407,22 +407,64 @@ def step_hook(
 def vae_for(base: Any) -> Any:
     """The VAE socket's value for a loaded base model, made once per model.
 
-    Inside ComfyUI: ComfyUI's own VAE class (comfy.sd.VAE) from the pipeline's VAE weights, which it
-    converts from diffusers' key names itself; the core VAE Decode / Encode (tiled, for inpainting)
-    nodes then run as with any checkpoint. Its weights are ComfyUI's own copy, loaded and offloaded
-    by ComfyUI's memory manager. Outside ComfyUI: the pipeline's VAE behind ComfyUI's VAE methods
-    (loaders/vae_bridge.py), for the headless stand-ins."""
+    Inside ComfyUI: ComfyUI's own VAE class (comfy.sd.VAE) from the pipeline's VAE weights and
+    layout, built when a core node first uses it (a checkpoint whose VAE output is not connected
+    costs nothing); the core VAE Decode / Encode (tiled, for inpainting) nodes then run as with any
+    checkpoint, and ComfyUI's memory manager holds that copy. A VAE ComfyUI's class cannot hold
+    (another group-norm size) falls back to the pipeline's own. Outside ComfyUI: the pipeline's
+    VAE behind ComfyUI's VAE methods (loaders/vae_bridge.py), for the headless stand-ins."""
     vae = getattr(base, "_vae_socket", None)
     if vae is None:
-        if IN_COMFYUI:
-            import comfy.sd
-
-            state = {k: v.detach().to("cpu") for k, v in base.pipe.vae.state_dict().items()}
-            vae = comfy.sd.VAE(sd=state)
-        else:
-            vae = DiffusersVAE(base.pipe.vae, base.lock)
+        vae = _LazyComfyVAE(base) if IN_COMFYUI else DiffusersVAE(base.pipe.vae, base.lock)
         base._vae_socket = vae
     return vae
+
+
+class _LazyComfyVAE:
+    """ComfyUI's VAE for a base model, built on first use; every attribute is the built VAE's."""
+
+    def __init__(self, base: Any) -> None:
+        self._base = base
+        self._vae: Any = None
+        self._lock = threading.Lock()
+
+    def _built(self) -> Any:
+        with self._lock:
+            if self._vae is None:
+                self._vae = _comfy_vae(self._base)
+            return self._vae
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._built(), name)
+
+
+def _comfy_vae(base: Any) -> Any:
+    import comfy.sd
+
+    module = base.pipe.vae
+    c = module.config
+    with base.lock:
+        state = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+    ch = c.block_out_channels[0]
+    ddconfig = {  # ComfyUI's AutoencoderKL layout from diffusers' config (its SD default has these keys)
+        "double_z": True,
+        "z_channels": c.latent_channels,
+        "resolution": 256,
+        "in_channels": c.in_channels,
+        "out_ch": c.out_channels,
+        "ch": ch,
+        "ch_mult": [b // ch for b in c.block_out_channels],
+        "num_res_blocks": c.layers_per_block,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+    }
+    try:
+        return comfy.sd.VAE(
+            sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": c.latent_channels}}
+        )
+    except (RuntimeError, ValueError, KeyError) as e:
+        log.warning("ComfyUI's VAE class cannot hold this VAE (%s); using the pipeline's own.", str(e)[:200])
+        return DiffusersVAE(module, base.lock)
 
 
 # ---------------------------------------------------------------- devices and memory

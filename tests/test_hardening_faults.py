@@ -279,3 +279,17 @@ def test_the_fault_points_change_the_pipeline_when_nothing_fails(shared, referen
     assert any(k.startswith("unet.") and k.endswith(".weight") for k in changed)
     assert any(k.startswith("text_encoder.") and k.endswith(".weight") for k in changed)
     assert not torch.equal(sample(before), reference)
+
+
+def test_a_handle_prints_short_after_sampling_with_every_kind():
+    """ComfyUI writes str() of a failed node's inputs into the error and /history: a pipeline socket
+    carrying LoRAs, an embedding and an IP-Adapter, after a run, must print in a line, not megabytes."""
+    _, after = chains(fresh_handle())
+    sample(after)
+    text = str(after)
+    assert len(text) < 2000 and "tensor(" not in text, text[:300]
+    assert "LoraSpec" in text and "IPAdapterSpec" in text and "TextualInversionSpec" in text
+    for spec in after.adapters:
+        assert len(repr(spec)) < 400
+    lora = lora_files.read_lora(comfy_host.resolve_model_path("loras", "a.safetensors"), after.base)
+    assert "tensor(" not in repr(lora) and len(repr(lora)) < 400
