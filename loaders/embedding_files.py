@@ -12,7 +12,6 @@ import contextlib
 import os
 import pickle
 import re
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from ..converters.embeddings import (
 from .file_stamps import file_stamp
 from .model_files import SAFETENSORS_SUFFIXES, ModelFileError, open_model_file
 from .pickle_scan import scan_torch_pickle
+from .stamp_cache import StampCache
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
 PICKLE_SUFFIXES = (".pt", ".bin")
@@ -83,8 +83,8 @@ def _allowing(allowed: list[Any]):
     return safe_globals(allowed) if safe_globals is not None else contextlib.nullcontext()
 
 
-_cache: dict[str, tuple[tuple, Embedding]] = {}
-_cache_lock = threading.Lock()
+# Embeddings are small (a few kB to MB each); a prompt can name dozens.
+_cache: StampCache[Embedding] = StampCache(256)
 
 
 def read_embedding(path: str | os.PathLike) -> Embedding:
@@ -101,19 +101,11 @@ def read_embedding(path: str | os.PathLike) -> Embedding:
     except OSError as e:
         raise ModelFileError(f"Cannot read embedding {path.name}: {e.strerror or e}.") from e
     key = str(path.resolve())
-    with _cache_lock:
-        hit = _cache.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    embedding = _read_uncached(path, stamp[3])
-    with _cache_lock:
-        _cache[key] = (stamp, embedding)
-    return embedding
+    return _cache.get(key, stamp, lambda: _read_uncached(path, stamp[3]))
 
 
 def clear_embedding_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def _read_uncached(path: Path, size: int) -> Embedding:

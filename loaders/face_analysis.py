@@ -24,6 +24,7 @@ import torch
 
 from .file_stamps import file_stamp
 from .images import as_rgb_images
+from .stamp_cache import StampCache
 
 PROVIDERS = ("auto", "CUDA", "CPU")
 # Detection sizes tried in turn, as ComfyUI_IPAdapter_plus does: SCRFD misses faces that fill most
@@ -107,8 +108,8 @@ class FaceAnalyzer:
         self.lock = threading.Lock()  # prepare() changes the detector's size: one image at a time
 
 
-_cache: dict[tuple, FaceAnalyzer] = {}
-_cache_lock = threading.Lock()
+# One analyzer per insightface folder and provider set (a few hundred MB of ONNX sessions each).
+_cache: StampCache[FaceAnalyzer] = StampCache(4, build_under_lock=True)
 
 
 def load_face_analysis(model_dir: Path, provider: str = "auto") -> FaceAnalyzer:
@@ -119,39 +120,36 @@ def load_face_analysis(model_dir: Path, provider: str = "auto") -> FaceAnalyzer:
     providers = execution_providers(provider)
     _, FaceAnalysis, face_align = _insightface()
     files = tuple(file_stamp(p) for p in sorted(model_dir.glob("*.onnx")))
-    key = (str(model_dir), files, tuple(providers))
-    with _cache_lock:
-        if key in _cache:
-            return _cache[key]
-        for stale in [k for k in _cache if k[0] == key[0]]:
-            del _cache[stale]
-        # An absolute name: insightface 2.x takes a folder as the name, 0.7.x joins root/models/name,
-        # which is the name itself when it is absolute. Either way this folder, never a download.
-        try:
-            app = FaceAnalysis(
-                name=str(model_dir.resolve()),
-                root=str(model_dir.parent.parent),
-                allowed_modules=["detection", "recognition"],
-                providers=providers,
-            )
-        except AssertionError as e:  # FaceAnalysis asserts that it found a detection model
-            raise FaceAnalysisError(
-                f"{model_dir} has no face detection model (an SCRFD .onnx file such as det_10g.onnx)."
-            ) from e
-        if "recognition" not in app.models:
-            raise FaceAnalysisError(
-                f"{model_dir} has no face recognition model (an ArcFace .onnx file such as w600k_r50.onnx)."
-            )
-        ctx_id = 0 if providers[0] == "CUDAExecutionProvider" else -1
-        app.prepare(ctx_id=ctx_id, det_size=(DETECTION_SIZES[0], DETECTION_SIZES[0]))
-        analyzer = FaceAnalyzer(app, face_align, ctx_id)
-        _cache[key] = analyzer
-        return analyzer
+    _cache.discard(lambda key, old: key[0] == str(model_dir) and old != files)  # replaced files
+    key = (str(model_dir), tuple(providers))
+    return _cache.get(key, files, lambda: _build(model_dir, providers, FaceAnalysis, face_align))
+
+
+def _build(model_dir: Path, providers: list, FaceAnalysis: Any, face_align: Any) -> FaceAnalyzer:
+    # An absolute name: insightface 2.x takes a folder as the name, 0.7.x joins root/models/name,
+    # which is the name itself when it is absolute. Either way this folder, never a download.
+    try:
+        app = FaceAnalysis(
+            name=str(model_dir.resolve()),
+            root=str(model_dir.parent.parent),
+            allowed_modules=["detection", "recognition"],
+            providers=providers,
+        )
+    except AssertionError as e:  # FaceAnalysis asserts that it found a detection model
+        raise FaceAnalysisError(
+            f"{model_dir} has no face detection model (an SCRFD .onnx file such as det_10g.onnx)."
+        ) from e
+    if "recognition" not in app.models:
+        raise FaceAnalysisError(
+            f"{model_dir} has no face recognition model (an ArcFace .onnx file such as w600k_r50.onnx)."
+        )
+    ctx_id = 0 if providers[0] == "CUDAExecutionProvider" else -1
+    app.prepare(ctx_id=ctx_id, det_size=(DETECTION_SIZES[0], DETECTION_SIZES[0]))
+    return FaceAnalyzer(app, face_align, ctx_id)
 
 
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()
 
 
 def _prepare(analyzer: FaceAnalyzer, size: int) -> None:

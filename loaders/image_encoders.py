@@ -6,8 +6,6 @@ device and takes the (converted) tensors by assignment, as base_models does for 
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -17,6 +15,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from ..converters import clip_vision as cv
 from .file_stamps import file_stamp
 from .model_files import open_model_file
+from .stamp_cache import StampCache
 
 # CLIP's standard normalisation (OpenAI; open_clip's LAION models use the same values).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -73,8 +72,7 @@ def _build(path: Path, dtype: torch.dtype, device: torch.device) -> CLIPVisionMo
     return model
 
 
-_cache: OrderedDict[tuple, CLIPVisionModelWithProjection] = OrderedDict()
-_cache_lock = threading.Lock()
+_cache: StampCache[CLIPVisionModelWithProjection] = StampCache(CACHE_SIZE, build_under_lock=True)
 
 
 def load_image_encoder(
@@ -85,20 +83,10 @@ def load_image_encoder(
     Shared: callers must not modify it. Its processor: `image_processor(model.config.image_size)`."""
     path = Path(path)
     device = torch.device(device)
-    key = (str(path), file_stamp(path), dtype, str(device))
-    with _cache_lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
-        for stale in [k for k in _cache if k[0] == str(path) and k[1] != key[1]]:
-            del _cache[stale]
-        enc = _build(path, dtype, device)
-        _cache[key] = enc
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
-        return enc
+    stamp = file_stamp(path)
+    _cache.discard(lambda key, old: key[0] == str(path) and old != stamp)  # a replaced file
+    return _cache.get((str(path), dtype, str(device)), stamp, lambda: _build(path, dtype, device))
 
 
 def clear_cache() -> None:
-    with _cache_lock:
-        _cache.clear()
+    _cache.clear()

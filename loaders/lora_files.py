@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from pathlib import Path
 
 from ..converters.block_scales import parse_block_scales
@@ -19,23 +18,22 @@ from .lora_patcher import LORA, LoraSpec
 from .model_files import open_model_file
 from .pipeline_handle import PipelineHandle
 from .pipeline_layout import PARTS
+from .stamp_cache import StampCache
 from .textual_inversion import check_token_unique, make_spec
 
 # A file where more than this share of the keys matches nothing is not for this pipeline.
 MAX_UNMATCHED_SHARE = 0.5
 CACHE_SIZE = 16
 
-_cache: OrderedDict[tuple, LoraFile] = OrderedDict()
-_lock = threading.Lock()
+_cache: StampCache[LoraFile] = StampCache(CACHE_SIZE)
 
 
 def read_lora(path: Path, base: BaseModel) -> LoraFile:
     """The parsed, validated LoRA file for this base model (cached by file version and layout)."""
-    key = (file_stamp(path), base.layout.fingerprint)
-    with _lock:
-        if key in _cache:
-            _cache.move_to_end(key)
-            return _cache[key]
+    return _cache.get((str(path), base.layout.fingerprint), file_stamp(path), lambda: _read_lora(path, base))
+
+
+def _read_lora(path: Path, base: BaseModel) -> LoraFile:
     file = open_model_file(path)
     lora = parse_lora(file.read(file.shapes), base.layout.parts, file.metadata)
     check_family(lora.family, base.family)
@@ -50,10 +48,6 @@ def read_lora(path: Path, base: BaseModel) -> LoraFile:
             f"{path.name}: {len(lora.unmatched)} of its layers match nothing in this {base.family_name} "
             f"pipeline (e.g. {', '.join(lora.unmatched[:3])}); it is probably for another model."
         )
-    with _lock:
-        _cache[key] = lora
-        while len(_cache) > CACHE_SIZE:
-            _cache.popitem(last=False)
     return lora
 
 
