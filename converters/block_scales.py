@@ -1,6 +1,6 @@
 """Per-block LoRA scales: which multiplier each UNet / text-encoder layer of an adapter gets.
 
-`parse_block_scales(spec, family)` reads one of two notations into an immutable, hashable
+`parse_lora_block_weights(spec, family)` reads one of two notations into an immutable, hashable
 `BlockScales`; `BlockScales.scale(part, module_path)` answers for one diffusers module path of a
 part ("unet", "text_encoder", "text_encoder_2"). `None`, "" and `BlockScales()` mean "no per-block
 scales" (every layer 1.0).
@@ -159,7 +159,7 @@ class BlockScales:
     `blocks` maps SGM block names (IN00.., M00, OUT00..) to scales and, when not empty, covers every
     block of a UNet with `levels` levels and `layers_per_block` layers per block; `unet` is the scale
     of UNet layers in no block (time/add embedding, conv_norm_out, conv_out), and of every UNet layer
-    when `blocks` is empty. Build it with `parse_block_scales`; equal meanings compare equal.
+    when `blocks` is empty. Build it with `parse_lora_block_weights`; equal meanings compare equal.
     """
 
     text_encoder: float = 1.0
@@ -212,7 +212,7 @@ def sgm_block(
         if not fits or (levels is not None and level >= levels):
             raise BlockScalesError(
                 f"UNet module {module_path!r} does not fit the UNet layout the block scales were parsed for "
-                f"({levels} levels, {lpb} layers per block); pass the UNet's config to parse_block_scales."
+                f"({levels} levels, {lpb} layers per block); pass the UNet's config when parsing them."
             )
         return f"{'IN' if down else 'OUT'}{n:02d}"
     if _MID.match(module_path):
@@ -412,7 +412,7 @@ def _from_lbw(text: str, family: str, levels: int, lpb: int) -> BlockScales:
 # ---------------------------------------------------------------- entry point
 
 
-def parse_block_scales(
+def parse_lora_block_weights(
     spec: str | Mapping | None, family: str, *, unet_config: Mapping | None = None
 ) -> BlockScales:
     """Read per-block scales for a `family` ("sd1", "sd2", "sdxl") model; see the module docstring.

@@ -83,7 +83,9 @@ def _check(config: object, layout: Mapping[str, Mapping[int, int]], label: str, 
             _layers(value, layout[side][index], f"{label}: {side} {name}")
 
 
-def parse_block_scales(text: str, layout: Mapping[str, Mapping[int, int]], family_name: str) -> dict | None:
+def parse_ip_adapter_block_scales(
+    text: str, layout: Mapping[str, Mapping[int, int]], family_name: str
+) -> dict | None:
     """The scale dict for `text` (empty: None, every block at the adapter's scale).
 
     `layout`: for "down" and "up", block index -> number of transformer layers (blocks with

@@ -26,12 +26,11 @@ from ..converters.embeddings import (
     parse_embedding,
 )
 from .file_stamps import file_stamp
-from .model_files import SAFETENSORS_SUFFIXES, ModelFileError, open_model_file
+from .model_files import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES, ModelFileError, open_model_file
 from .pickle_scan import scan_torch_pickle
 from .stamp_cache import StampCache
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
-PICKLE_SUFFIXES = (".pt", ".bin")
 # Embeddings are a few KB (75 vectors of SDXL: 600 KB). A larger file is something else (a LoRA, a
 # checkpoint): it is not unpickled whole, and a safetensors one is judged by its keys before reading.
 MAX_EMBEDDING_BYTES = 64 * 1024 * 1024

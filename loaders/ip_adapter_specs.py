@@ -15,7 +15,7 @@ import torch
 from ..converters.families import FAMILY_NAMES
 from ..converters.ip_adapter_embeds import COMBINE_EMBEDS, combine_embeds
 from ..converters.ip_adapter_files import IPAdapterFile, IPAdapterFormatError, check_unet, parse_ip_adapter
-from ..converters.ip_adapter_scales import parse_block_scales, scaled
+from ..converters.ip_adapter_scales import parse_ip_adapter_block_scales, scaled
 from .base_models import BaseModel
 from .face_analysis import FaceEmbeddings
 from .file_stamps import file_stamp
@@ -69,7 +69,9 @@ def with_ip_adapter(handle: PipelineHandle, inputs: IPAdapterInputs) -> tuple[Pi
     except IPAdapterFormatError as e:  # the converter names the tensor; the file is named here
         raise IPAdapterFormatError(f"{inputs.adapter_name}: {e}") from None
     _check_fits(adapter, base, inputs.adapter_name)
-    blocks = parse_block_scales(inputs.block_scales, base.layout.attention.blocks, base.family_name)
+    blocks = parse_ip_adapter_block_scales(
+        inputs.block_scales, base.layout.attention.blocks, base.family_name
+    )
     if not 0.0 <= inputs.start_at < inputs.end_at <= 1.0:
         raise ValueError(
             f"start_at ({inputs.start_at}) must be below end_at ({inputs.end_at}), both between 0 and 1."

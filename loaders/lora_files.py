@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from ..converters.block_scales import parse_block_scales
+from ..converters.block_scales import parse_lora_block_weights
 from ..converters.embeddings import parse_embedding
 from ..converters.families import FAMILY_NAMES
 from ..converters.lora_algorithms import label
@@ -63,7 +63,7 @@ def with_lora(
     plus the embeddings bundled in the file; and the node's info text."""
     base = handle.base
     lora = read_lora(path, base)
-    scales = parse_block_scales(block_weights or None, base.family, unet_config=base.layout.unet_config)
+    scales = parse_lora_block_weights(block_weights or None, base.family, unet_config=base.layout.unet_config)
     strengths = {part: float(strengths.get(part, 0.0)) for part in PARTS}
     stamp = file_stamp(path)
     key = (stamp, tuple(sorted(strengths.items())), scales)

@@ -20,10 +20,9 @@ from .base_models import BaseModel
 from .embedding_files import read_embedding
 from .file_stamps import file_stamp
 from .pipeline_handle import KeyedSpec, PipelineHandle, StackKind
-from .prompt_encoding import register_vector_tokens, unregister_vector_tokens
+from .prompt_encoding import EMBEDDING_PREFIX, register_vector_tokens, unregister_vector_tokens
 
 TEXTUAL_INVERSION = StackKind("textual_inversion")
-EMBEDDING_PREFIX = "embedding:"
 # A token is added to the tokenizer's trie: bounded. `embedding:name` tokens hold a file name (at most
 # 4096 bytes, comfy_host); real tokens have a few dozen characters.
 MAX_TOKEN_CHARS = 4096 + len(EMBEDDING_PREFIX)

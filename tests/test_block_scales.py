@@ -23,7 +23,7 @@ from comfyui_diffusers_adapters.converters.block_scales import (
     BLOCKID26,
     BlockScales,
     BlockScalesError,
-    parse_block_scales,
+    parse_lora_block_weights,
     sgm_block,
 )
 from comfyui_diffusers_adapters.devtools.ldm_export import unet_to_ldm
@@ -95,7 +95,7 @@ def _values(bs: BlockScales, paths) -> dict[str, float]:
 def test_no_scales_is_the_identity(spec, unets):
     if spec == "26ALL":
         spec = ",".join(["1"] * 26)
-    bs = parse_block_scales(spec, "sd1")
+    bs = parse_lora_block_weights(spec, "sd1")
     assert bs == BlockScales() and hash(bs) == hash(BlockScales())
     assert bs.is_identity
     assert set(_values(bs, _layers(unets["sd1"])).values()) == {1.0}
@@ -103,9 +103,9 @@ def test_no_scales_is_the_identity(spec, unets):
 
 
 def test_block_scales_are_immutable_and_hashable():
-    a = parse_block_scales(GUIDE, "sdxl")
-    b = parse_block_scales(json.dumps(GUIDE), "sdxl")
-    c = parse_block_scales(repr(GUIDE), "sdxl")  # Python literal, single quotes
+    a = parse_lora_block_weights(GUIDE, "sdxl")
+    b = parse_lora_block_weights(json.dumps(GUIDE), "sdxl")
+    c = parse_lora_block_weights(repr(GUIDE), "sdxl")  # Python literal, single quotes
     assert a == b == c and len({a, b, c}) == 1
     assert not a.is_identity
     assert {a: "adapter"}[b] == "adapter"
@@ -115,7 +115,7 @@ def test_block_scales_are_immutable_and_hashable():
     for copied in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
         assert copied == a and hash(copied) == hash(a)
         assert copied.scale("unet", "up_blocks.1.resnets.1.conv1") == 0.8
-    assert a != parse_block_scales({**GUIDE, "text_encoder": 0.4}, "sdxl")
+    assert a != parse_lora_block_weights({**GUIDE, "text_encoder": 0.4}, "sdxl")
 
 
 # ---------------------------------------------------------------- diffusers dict notation
@@ -208,7 +208,7 @@ DICT_CASES = [
 def test_diffusers_dict_scales_every_layer_of_a_block(family, spec, expected, unets):
     layers = set(_layers(unets[family]))
     for form in (spec, json.dumps(spec), repr(spec)):
-        bs = parse_block_scales(form, family)
+        bs = parse_lora_block_weights(form, family)
         for key, want in expected.items():
             part, path = key.split(":") if ":" in key else ("unet", key)
             assert part != "unet" or path in layers, path  # real module paths
@@ -244,7 +244,7 @@ def test_diffusers_dict_matches_diffusers_expansion(unet_name, spec, unets):
     assert expanded and all(
         re.fullmatch(r"(down|up)_blocks\.\d\.attentions\.\d|mid_block\.attentions\.0", k) for k in expanded
     )
-    bs = parse_block_scales({"unet": spec}, family, unet_config=unet.config)
+    bs = parse_lora_block_weights({"unet": spec}, family, unet_config=unet.config)
     checked = 0
     for path in _layers(unet):
         if m := re.match(r"(down_blocks|up_blocks)\.(\d)\.(attentions|resnets)\.(\d)\.", path):
@@ -301,9 +301,11 @@ def test_block_id_lists_match_hako_mikan():
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])
 def test_lbw_outall_sd(family, unets):
-    bs = parse_block_scales("OUTALL", family)
-    assert bs == parse_block_scales("SD-OUTALL", family) == parse_block_scales(" outall\n", family)
-    assert bs == parse_block_scales("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", family)
+    bs = parse_lora_block_weights("OUTALL", family)
+    assert (
+        bs == parse_lora_block_weights("SD-OUTALL", family) == parse_lora_block_weights(" outall\n", family)
+    )
+    assert bs == parse_lora_block_weights("1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1", family)
     for path, value in _values(bs, _layers(unets["sd1"])).items():
         if path.startswith(("down_blocks.", "mid_block.", "conv_in")):
             assert value == 0.0, path
@@ -317,11 +319,11 @@ def test_lbw_outall_sd(family, unets):
 
 
 def test_lbw_outall_sdxl(unets):
-    bs = parse_block_scales("OUTALL", "sdxl")
+    bs = parse_lora_block_weights("OUTALL", "sdxl")
     assert (
         bs
-        == parse_block_scales("SDXL-OUTALL", "sdxl")
-        == parse_block_scales("1,0,0,0,0,0,1,1,1,1,1,1", "sdxl")
+        == parse_lora_block_weights("SDXL-OUTALL", "sdxl")
+        == parse_lora_block_weights("1,0,0,0,0,0,1,1,1,1,1,1", "sdxl")
     )
     for path, value in _values(bs, _layers(unets["sdxl"])).items():
         if path.startswith(("down_blocks.", "mid_block.", "conv_in", "up_blocks.2.")):
@@ -363,7 +365,7 @@ PRESET_CASES = [
 
 @pytest.mark.parametrize("family, preset, expected", PRESET_CASES)
 def test_lbw_presets_on_full_size_unets(family, preset, expected, unets):
-    bs = parse_block_scales(preset, family)
+    bs = parse_lora_block_weights(preset, family)
     assert bs.scale("text_encoder", "text_model.final_layer_norm") == expected["TE"]
     blocks = _by_block(unets["sdxl" if family == "sdxl" else "sd1"])
     for block, paths in blocks.items():
@@ -373,7 +375,7 @@ def test_lbw_presets_on_full_size_unets(family, preset, expected, unets):
 
 def test_lbw_17_values_reach_the_right_diffusers_modules():
     values = [round(0.01 * (i + 1), 2) for i in range(17)]
-    bs = parse_block_scales(", ".join(map(str, values)), "sd1")
+    bs = parse_lora_block_weights(", ".join(map(str, values)), "sd1")
     expect = dict(zip(BLOCKID17, values))
     table = {
         "down_blocks.0.resnets.0.conv1": "IN01",
@@ -405,7 +407,7 @@ def test_lbw_17_values_reach_the_right_diffusers_modules():
 @pytest.mark.parametrize("family, names, unet_name", [("sd1", BLOCKID26, "sd1"), ("sdxl", BLOCKID20, "sdxl")])
 def test_lbw_full_forms_scale_every_block(family, names, unet_name, unets):
     values = [round(0.5 + 0.01 * i, 2) for i in range(len(names))]
-    bs = parse_block_scales("LABEL:" + ",".join(map(str, values)), family)  # a preset line
+    bs = parse_lora_block_weights("LABEL:" + ",".join(map(str, values)), family)  # a preset line
     expect = dict(zip(names, values))
     blocks = _by_block(unets[unet_name])
     assert set(blocks) == {*names[1:], "none"}
@@ -421,19 +423,21 @@ def test_lbw_full_forms_scale_every_block(family, names, unet_name, unets):
 def test_diffusers_dict_on_a_tiny_unet(unets):
     tiny = unets["tiny"]
     spec = {"unet": {"down": {"block_0": 0.3}, "up": {"block_1": [0.2, 0.6]}}}
-    bs = parse_block_scales(spec, "sd1", unet_config=tiny.config)
+    bs = parse_lora_block_weights(spec, "sd1", unet_config=tiny.config)
     assert bs.scale("unet", "down_blocks.0.resnets.0.conv1") == 0.3
     assert bs.scale("unet", "down_blocks.0.downsamplers.0.conv") == 0.3
     assert bs.scale("unet", "up_blocks.1.attentions.0.proj_in") == 0.2
     assert bs.scale("unet", "up_blocks.1.resnets.1.conv1") == 0.6
     with pytest.raises(BlockScalesError, match="Expected 2 scales"):
-        parse_block_scales({"unet": {"up": {"block_1": [0.2, 0.6, 0.7]}}}, "sd1", unet_config=tiny.config)
+        parse_lora_block_weights(
+            {"unet": {"up": {"block_1": [0.2, 0.6, 0.7]}}}, "sd1", unet_config=tiny.config
+        )
     with pytest.raises(BlockScalesError, match="defined for the real SD1.x UNet"):
-        parse_block_scales("ALL", "sd1", unet_config=tiny.config)
+        parse_lora_block_weights("ALL", "sd1", unet_config=tiny.config)
     # the full-size layouts pass
-    assert parse_block_scales("ALL", "sdxl", unet_config=unets["sdxl"].config) == parse_block_scales(
-        "ALL", "sdxl"
-    )
+    assert parse_lora_block_weights(
+        "ALL", "sdxl", unet_config=unets["sdxl"].config
+    ) == parse_lora_block_weights("ALL", "sdxl")
 
 
 # ---------------------------------------------------------------- errors
@@ -487,12 +491,12 @@ ERROR_CASES = [
 @pytest.mark.parametrize("family, spec, message", ERROR_CASES)
 def test_invalid_specs_say_what_is_expected(family, spec, message):
     with pytest.raises(BlockScalesError, match=message) as error:
-        parse_block_scales(spec, family)
+        parse_lora_block_weights(spec, family)
     assert isinstance(error.value, ValueError)
 
 
 def test_scale_rejects_unknown_parts_and_paths_outside_the_layout():
-    bs = parse_block_scales(GUIDE, "sdxl")
+    bs = parse_lora_block_weights(GUIDE, "sdxl")
     with pytest.raises(BlockScalesError, match="Unknown model part 'vae'"):
         bs.scale("vae", "decoder.conv_in")
     for path in (
@@ -507,4 +511,4 @@ def test_scale_rejects_unknown_parts_and_paths_outside_the_layout():
         ):
             bs.scale("unet", path)
     with pytest.raises(BlockScalesError, match="same layers_per_block"):
-        parse_block_scales(GUIDE, "sdxl", unet_config={"layers_per_block": (2, 1, 2)})
+        parse_lora_block_weights(GUIDE, "sdxl", unet_config={"layers_per_block": (2, 1, 2)})

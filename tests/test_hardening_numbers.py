@@ -12,9 +12,11 @@ import torch
 from lora_fixtures import fresh_handle, write_kohya
 
 from comfyui_diffusers_adapters import NODE_CLASS_MAPPINGS
-from comfyui_diffusers_adapters.converters.block_scales import BlockScalesError, parse_block_scales
+from comfyui_diffusers_adapters.converters.block_scales import BlockScalesError, parse_lora_block_weights
 from comfyui_diffusers_adapters.converters.ip_adapter_scales import IPAdapterScaleError
-from comfyui_diffusers_adapters.converters.ip_adapter_scales import parse_block_scales as parse_ip_scales
+from comfyui_diffusers_adapters.converters.ip_adapter_scales import (
+    parse_ip_adapter_block_scales as parse_ip_scales,
+)
 from comfyui_diffusers_adapters.nodes.common import NodeInputError, check_number, number_specs, widget_specs
 from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
@@ -145,15 +147,17 @@ HOSTILE_BLOCK_WEIGHTS = {
 @pytest.mark.parametrize("text", HOSTILE_BLOCK_WEIGHTS.values(), ids=HOSTILE_BLOCK_WEIGHTS)
 def test_block_weights_text_refused_clearly(text):
     with pytest.raises(BlockScalesError) as error:
-        parse_block_scales(text, "sd1")
+        parse_lora_block_weights(text, "sd1")
     message = str(error.value)
     assert len(message) < 400 and "block" in message.lower()
 
 
 def test_block_weights_within_bounds_still_read():
-    scales = parse_block_scales('{"unet": {"up": {"block_1": [0.4, -2.5, 20]}}, "text_encoder": 0.5}', "sd1")
+    scales = parse_lora_block_weights(
+        '{"unet": {"up": {"block_1": [0.4, -2.5, 20]}}, "text_encoder": 0.5}', "sd1"
+    )
     assert scales.text_encoder == 0.5 and not scales.is_identity
-    assert parse_block_scales("{'unet': 0.5}", "sd1").unet == 0.5
+    assert parse_lora_block_weights("{'unet': 0.5}", "sd1").unet == 0.5
 
 
 LAYOUT = {"down": {1: 2, 2: 2}, "up": {0: 3, 1: 3}}
