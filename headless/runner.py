@@ -136,6 +136,36 @@ def _function_params(fn: Any) -> tuple[set[str], bool]:
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
+def _check_widget(
+    where: str, inputs: dict, name: str, input_type: Any, options: Mapping, self_validated: bool
+) -> str | None:
+    """Convert a widget value in place as ComfyUI does and check it against its declaration; the
+    problem, or None. `self_validated`: the class's VALIDATE_INPUTS checks range and choices."""
+    value = inputs[name]
+    if isinstance(value, Mapping) and "__value__" in value:
+        value = inputs[name] = value["__value__"]
+    try:
+        convert = _CONVERTERS.get(input_type) if isinstance(input_type, str) else None
+        if convert is not None:
+            value = inputs[name] = convert(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        return f"{where}: input '{name}': cannot convert {value!r} to {input_type} ({exc})."
+    if input_type == "FLOAT" and not math.isfinite(value):
+        return f"{where}: input '{name}': {value} is not a finite number."
+    if self_validated:
+        return None
+    if "min" in options and value < options["min"]:
+        return f"{where}: input '{name}': value {value} is smaller than the minimum {options['min']}."
+    if "max" in options and value > options["max"]:
+        return f"{where}: input '{name}': value {value} is bigger than the maximum {options['max']}."
+    if is_combo(input_type):
+        choices = input_type if input_type != "COMBO" else options.get("options") or []
+        if value not in choices:
+            listed = f"{len(choices)} choices" if len(choices) > 20 else repr(list(choices))
+            return f"{where}: input '{name}': {value!r} is not one of {listed}."
+    return None
+
+
 class WorkflowRunner:
     """Runs API- or UI-format workflows with the given node classes (`NODE_CLASS_MAPPINGS`)."""
 
@@ -294,80 +324,64 @@ class WorkflowRunner:
                 if category == "required":
                     problems.append(f"{where}: required input '{name}' is missing.")
                 continue
-            value = inputs[name]
-            if isinstance(value, list):
-                if not _is_link(value):
-                    problems.append(
-                        f"{where}: input '{name}' is a bad link {value!r}; expected [node_id, slot]."
-                    )
-                    continue
-                origin = prompt.get(value[0])
-                if origin is None:
-                    problems.append(
-                        f"{where}: input '{name}' links to node {value[0]}, which is not in the workflow."
-                    )
-                    continue
-                return_types = getattr(self.node_classes[origin["class_type"]], "RETURN_TYPES", ())
-                if not 0 <= value[1] < len(return_types):
-                    problems.append(
-                        f"{where}: input '{name}' links to output {value[1]} of node {value[0]} "
-                        f"({origin['class_type']}), which has {len(return_types)} outputs."
-                    )
-                    continue
-                received = return_types[value[1]]
-                received_types[name] = received
-                if "input_types" not in validate_params and not _validate_node_input(received, input_type):
-                    problems.append(
-                        f"{where}: input '{name}' expects {input_type} but node {value[0]} "
-                        f"({origin['class_type']}) output {value[1]} is {received}."
-                    )
-                continue
-            if isinstance(value, Mapping) and "__value__" in value:
-                value = inputs[name] = value["__value__"]
-            try:
-                convert = _CONVERTERS.get(input_type) if isinstance(input_type, str) else None
-                if convert is not None:
-                    value = inputs[name] = convert(value)
-            except (TypeError, ValueError, OverflowError) as exc:
-                problems.append(f"{where}: input '{name}': cannot convert {value!r} to {input_type} ({exc}).")
-                continue
-            if input_type == "FLOAT" and not math.isfinite(value):
-                problems.append(f"{where}: input '{name}': {value} is not a finite number.")
-                continue
-            if name in validate_params or validate_kwargs:
-                continue  # the class validates this input itself
-            if "min" in options and value < options["min"]:
-                problems.append(
-                    f"{where}: input '{name}': value {value} is smaller than the minimum {options['min']}."
-                )
-                continue
-            if "max" in options and value > options["max"]:
-                problems.append(
-                    f"{where}: input '{name}': value {value} is bigger than the maximum {options['max']}."
-                )
-                continue
-            if is_combo(input_type):
-                choices = input_type if input_type != "COMBO" else options.get("options") or []
-                if value not in choices:
-                    listed = f"{len(choices)} choices" if len(choices) > 20 else repr(list(choices))
-                    problems.append(f"{where}: input '{name}': {value!r} is not one of {listed}.")
+            if isinstance(inputs[name], list):
+                problem, received = self._check_link(prompt, where, name, inputs[name])
+                if received is not None:
+                    received_types[name] = received
+                    if "input_types" not in validate_params and not _validate_node_input(
+                        received, input_type
+                    ):
+                        link = inputs[name]
+                        problem = (
+                            f"{where}: input '{name}' expects {input_type} but node {link[0]} "
+                            f"({prompt[link[0]]['class_type']}) output {link[1]} is {received}."
+                        )
+            else:
+                self_validated = name in validate_params or validate_kwargs
+                problem = _check_widget(where, inputs, name, input_type, options, self_validated)
+            if problem:
+                problems.append(problem)
 
         if validate_fn is not None and (validate_params or validate_kwargs):
-            args = self._constant_inputs(node_id, node, node_class, prompt, None)
-            args = {k: v for k, v in args.items() if k in validate_params or validate_kwargs}
-            if "input_types" in validate_params:
-                args["input_types"] = received_types
-            try:
-                verdict = validate_fn(**args)
-            except Exception as exc:
-                problems.append(f"{where}: VALIDATE_INPUTS raised {type(exc).__name__}: {exc}")
-            else:
-                if verdict is not True:
-                    detail = (
-                        "custom validation failed" if verdict is False or verdict is None else str(verdict)
-                    )
-                    problems.append(f"{where}: {detail}")
+            problems += self._run_validate_inputs(
+                node_id, prompt, validate_fn, validate_params, validate_kwargs, received_types
+            )
         return problems
+
+    def _check_link(self, prompt: dict, where: str, name: str, value: list) -> tuple[str | None, Any]:
+        """(problem, None) for a bad link, else (None, the linked output's type)."""
+        if not _is_link(value):
+            return f"{where}: input '{name}' is a bad link {value!r}; expected [node_id, slot].", None
+        origin = prompt.get(value[0])
+        if origin is None:
+            return f"{where}: input '{name}' links to node {value[0]}, which is not in the workflow.", None
+        return_types = getattr(self.node_classes[origin["class_type"]], "RETURN_TYPES", ())
+        if not 0 <= value[1] < len(return_types):
+            return (
+                f"{where}: input '{name}' links to output {value[1]} of node {value[0]} "
+                f"({origin['class_type']}), which has {len(return_types)} outputs."
+            ), None
+        return None, return_types[value[1]]
+
+    def _run_validate_inputs(
+        self, node_id: str, prompt: dict, validate_fn: Any, params: set[str], kwargs: bool, received: dict
+    ) -> list[str]:
+        """The node class's own VALIDATE_INPUTS, as ComfyUI calls it."""
+        node = prompt[node_id]
+        where = f"Node {node_id} ({node['class_type']})"
+        node_class = self.node_classes[node["class_type"]]
+        args = self._constant_inputs(node_id, node, node_class, prompt, None)
+        args = {k: v for k, v in args.items() if k in params or kwargs}
+        if "input_types" in params:
+            args["input_types"] = received
+        try:
+            verdict = validate_fn(**args)
+        except Exception as exc:
+            return [f"{where}: VALIDATE_INPUTS raised {type(exc).__name__}: {exc}"]
+        if verdict is True:
+            return []
+        detail = "custom validation failed" if verdict is False or verdict is None else str(verdict)
+        return [f"{where}: {detail}"]
 
     # ------------------------------------------------------------ inputs and signatures
     def _hidden_inputs(self, node_id: str, node_class: type, extra: dict) -> dict[str, Any]:
