@@ -95,26 +95,7 @@ def check_safetensors_header(path: Path) -> dict:
     matches shape x dtype size, the ranges cover the data without overlaps or gaps, and the data ends
     where the file does (a shorter file is truncated). Raises ModelFileError."""
     name = path.name
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ModelFileError(f"{name} is not a safetensors file (only {size} bytes).")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES:
-                raise ModelFileError(
-                    f"{name} is not a safetensors file, or it is corrupt: its header claims {n} bytes "
-                    f"(more than the {MAX_HEADER_BYTES} a header may have)."
-                )
-            if n > size - 8:
-                raise ModelFileError(
-                    f"{name} is truncated or not a safetensors file: its header claims {n} bytes, "
-                    f"but the file has {size}."
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise ModelFileError(f"Cannot read {name}: {e.strerror or e}.") from e
+    size, raw = _header_bytes(path)
     try:  # a header nests 3 levels (name -> info -> shape); __metadata__ values are text
         header = parse_bounded_json(
             raw, f"{name}'s safetensors header", max_chars=MAX_HEADER_BYTES, max_depth=8
@@ -132,35 +113,68 @@ def check_safetensors_header(path: Path) -> dict:
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise ModelFileError(f"{name} has a corrupt safetensors header (__metadata__ must map text to text).")
-    ranges = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        where = f"{name}: tensor {key[:100]!r}"
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise ModelFileError(
-                f"{where} has no dtype, shape and data_offsets in the header; the file is corrupt."
-            )
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-            raise ModelFileError(
-                f"{where} has the unknown dtype {str(dtype)[:40]!r}; the file is corrupt or unsupported."
-            )
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise ModelFileError(f"{where} has an invalid shape {str(shape)[:80]}; the file is corrupt.")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-            raise ModelFileError(
-                f"{where} has invalid data_offsets {str(offsets)[:80]}; the file is corrupt."
-            )
-        begin, end = offsets
-        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
-        if end < begin or end - begin != nbytes:
-            raise ModelFileError(
-                f"{where} has {max(end - begin, 0)} bytes of data but its shape {shape} in {dtype} needs "
-                f"{nbytes}; the file is corrupt."
-            )
-        ranges.append((begin, end, key))
-    data_size = size - 8 - n
+    ranges = [
+        _tensor_range(f"{name}: tensor {k[:100]!r}", v) + (k,)
+        for k, v in header.items()
+        if k != "__metadata__"
+    ]
+    _check_ranges(name, ranges, size, len(raw))
+    return header
+
+
+def _header_bytes(path: Path) -> tuple[int, bytes]:
+    """(file size, the header's bytes), checked against the file's size before reading them."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ModelFileError(f"{name} is not a safetensors file (only {size} bytes).")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise ModelFileError(
+                    f"{name} is not a safetensors file, or it is corrupt: its header claims {n} bytes "
+                    f"(more than the {MAX_HEADER_BYTES} a header may have)."
+                )
+            if n > size - 8:
+                raise ModelFileError(
+                    f"{name} is truncated or not a safetensors file: its header claims {n} bytes, "
+                    f"but the file has {size}."
+                )
+            return size, f.read(n)
+    except OSError as e:
+        raise ModelFileError(f"Cannot read {name}: {e.strerror or e}.") from e
+
+
+def _tensor_range(where: str, info: object) -> tuple[int, int]:
+    """The byte range one header entry declares, checked against its dtype and shape."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise ModelFileError(
+            f"{where} has no dtype, shape and data_offsets in the header; the file is corrupt."
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        raise ModelFileError(
+            f"{where} has the unknown dtype {str(dtype)[:40]!r}; the file is corrupt or unsupported."
+        )
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ModelFileError(f"{where} has an invalid shape {str(shape)[:80]}; the file is corrupt.")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise ModelFileError(f"{where} has invalid data_offsets {str(offsets)[:80]}; the file is corrupt.")
+    begin, end = offsets
+    nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+    if end < begin or end - begin != nbytes:
+        raise ModelFileError(
+            f"{where} has {max(end - begin, 0)} bytes of data but its shape {shape} in {dtype} needs "
+            f"{nbytes}; the file is corrupt."
+        )
+    return begin, end
+
+
+def _check_ranges(name: str, ranges: list[tuple[int, int, str]], size: int, header_bytes: int) -> None:
+    """The tensors' byte ranges cover the data exactly: no overlap, no gap, nothing after, not short."""
+    data_size = size - 8 - header_bytes
     position = 0
     for begin, end, key in sorted(ranges):
         if begin != position:
@@ -169,13 +183,13 @@ def check_safetensors_header(path: Path) -> dict:
         position = end
     if position > data_size:
         raise ModelFileError(
-            f"{name} is truncated: its header describes {position + 8 + n} bytes but the file has {size}."
+            f"{name} is truncated: its header describes {position + 8 + header_bytes} bytes but the file "
+            f"has {size}."
         )
     if position < data_size:
         raise ModelFileError(
             f"{name} is corrupt: {data_size - position} bytes after the last tensor belong to none."
         )
-    return header
 
 
 def _unwrap_state_dict(obj: object, name: str) -> dict[str, torch.Tensor]:
