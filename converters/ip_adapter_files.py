@@ -263,58 +263,9 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
 
     _check_tensors(variant, image_proj, ip_adapter)
     _check_values(image_proj, ip_adapter)
-    odd = [k for k in ip_adapter if k.endswith(("to_k_ip.weight", "to_v_ip.weight")) and not _IP_KEY.match(k)]
-    if odd:
-        raise IPAdapterFormatError(
-            f"This IP-Adapter file has unexpected attention keys ({', '.join(odd[:3])})."
-        )
-    k_keys = sorted(
-        (k for k in ip_adapter if k.endswith(".to_k_ip.weight")), key=lambda k: int(k.split(".")[0])
-    )
-    if not k_keys:
-        raise IPAdapterFormatError("This IP-Adapter file has no '<n>.to_k_ip.weight' attention weights.")
-    for k in k_keys:
-        v = k.replace("to_k_ip", "to_v_ip")
-        if v not in ip_adapter:
-            raise IPAdapterFormatError(f"This IP-Adapter file has {k} but no matching to_v_ip weight.")
-        if _shape(ip_adapter[v]) != _shape(ip_adapter[k]):
-            raise IPAdapterFormatError(f"This IP-Adapter file's {k} and {v} differ in shape.")
-    cross_dims = {_shape(ip_adapter[k])[1] for k in k_keys}
-    if len(cross_dims) != 1:
-        raise IPAdapterFormatError(
-            f"This IP-Adapter's attention layers disagree on the text width ({sorted(cross_dims)})."
-        )
-    (cross_dim,) = cross_dims
-
+    cross_dim = _attention_width(ip_adapter)
     s = {k: _shape(v) for k, v in image_proj.items()}
-    id_embed_dim = None
-    if variant == "base":
-        image_embed_dim = s["proj.weight"][1]
-        proj_out = s["norm.weight"][0]
-        num_tokens = s["proj.weight"][0] // proj_out
-    elif variant == "full_face":
-        image_embed_dim = s["proj.0.weight"][1]
-        proj_out = s["proj.3.weight"][0]
-        num_tokens = 257  # 256 patch tokens + CLS of ViT-H/14 at 224 px, as diffusers assumes
-    elif variant == "plus":
-        image_embed_dim = s["proj_in.weight"][1]
-        proj_out = s["proj_out.weight"][0]
-        num_tokens = s["latents"][1]
-    elif variant == "faceid_unnorm":
-        image_embed_dim = None
-        id_embed_dim = s["proj_in.weight"][1]
-        proj_out = s["proj_out.weight"][0]
-        num_tokens = s["latents"][1]
-    elif variant == "faceid":
-        image_embed_dim = None
-        id_embed_dim = s["proj.0.weight"][1]
-        proj_out = s["norm.weight"][0]
-        num_tokens = s["proj.2.weight"][0] // proj_out
-    else:  # faceid_plus
-        image_embed_dim = s["perceiver_resampler.proj_in.weight"][1]
-        id_embed_dim = s["proj.0.weight"][1]
-        proj_out = s["perceiver_resampler.proj_out.weight"][0]
-        num_tokens = 4  # diffusers' IPAdapterFaceIDPlusImageProjection default
+    image_embed_dim, id_embed_dim, proj_out, num_tokens = _PROJECTION_DIMS[variant](s)
     if num_tokens < 1 or (
         variant in ("base", "faceid") and num_tokens * proj_out != s[_TOKENS_KEY[variant]][0]
     ):
@@ -340,6 +291,61 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
         has_lora=has_lora,
         id_embed_dim=id_embed_dim,
     )
+
+
+# variant -> (image-encoder width, insightface width, token width, tokens) from the projection's shapes
+_PROJECTION_DIMS = {
+    "base": lambda s: (
+        s["proj.weight"][1],
+        None,
+        s["norm.weight"][0],
+        s["proj.weight"][0] // s["norm.weight"][0],
+    ),
+    # 256 patch tokens + CLS of ViT-H/14 at 224 px, as diffusers assumes
+    "full_face": lambda s: (s["proj.0.weight"][1], None, s["proj.3.weight"][0], 257),
+    "plus": lambda s: (s["proj_in.weight"][1], None, s["proj_out.weight"][0], s["latents"][1]),
+    "faceid_unnorm": lambda s: (None, s["proj_in.weight"][1], s["proj_out.weight"][0], s["latents"][1]),
+    "faceid": lambda s: (
+        None,
+        s["proj.0.weight"][1],
+        s["norm.weight"][0],
+        s["proj.2.weight"][0] // s["norm.weight"][0],
+    ),
+    # 4 tokens: diffusers' IPAdapterFaceIDPlusImageProjection default
+    "faceid_plus": lambda s: (
+        s["perceiver_resampler.proj_in.weight"][1],
+        s["proj.0.weight"][1],
+        s["perceiver_resampler.proj_out.weight"][0],
+        4,
+    ),
+}
+
+
+def _attention_width(ip_adapter: Mapping[str, Any]) -> int:
+    """The text width every `<n>.to_k_ip` / `to_v_ip` pair takes (they must agree)."""
+    odd = [k for k in ip_adapter if k.endswith(("to_k_ip.weight", "to_v_ip.weight")) and not _IP_KEY.match(k)]
+    if odd:
+        raise IPAdapterFormatError(
+            f"This IP-Adapter file has unexpected attention keys ({', '.join(odd[:3])})."
+        )
+    k_keys = sorted(
+        (k for k in ip_adapter if k.endswith(".to_k_ip.weight")), key=lambda k: int(k.split(".")[0])
+    )
+    if not k_keys:
+        raise IPAdapterFormatError("This IP-Adapter file has no '<n>.to_k_ip.weight' attention weights.")
+    for k in k_keys:
+        v = k.replace("to_k_ip", "to_v_ip")
+        if v not in ip_adapter:
+            raise IPAdapterFormatError(f"This IP-Adapter file has {k} but no matching to_v_ip weight.")
+        if _shape(ip_adapter[v]) != _shape(ip_adapter[k]):
+            raise IPAdapterFormatError(f"This IP-Adapter file's {k} and {v} differ in shape.")
+    cross_dims = {_shape(ip_adapter[k])[1] for k in k_keys}
+    if len(cross_dims) != 1:
+        raise IPAdapterFormatError(
+            f"This IP-Adapter's attention layers disagree on the text width ({sorted(cross_dims)})."
+        )
+    (cross_dim,) = cross_dims
+    return cross_dim
 
 
 def check_unet(f: IPAdapterFile, cross_attention_dim: int, num_cross_attention_layers: int) -> None:
