@@ -1,4 +1,5 @@
-"""Stand-ins for ComfyUI's LoadImage, SaveImage and PreviewImage, for the headless runner.
+"""Stand-ins for ComfyUI's LoadImage, LoadImageMask, ImageScale, SaveImage and PreviewImage, for the
+headless runner (the latent and VAE nodes: headless/latent_nodes.py).
 
 Same inputs, outputs and file conventions as ComfyUI's own nodes: LoadImage reads from the
 input folder (IMAGE float32 [B, H, W, 3] in 0..1, MASK = 1 - alpha), SaveImage writes
@@ -128,6 +129,74 @@ class LoadImage:
         except (ValueError, TypeError):
             exists = False
         return True if exists else f"Invalid image file: {image}"
+
+
+class LoadImageMask:
+    """ComfyUI's LoadImageMask: one channel of an input image as a MASK (alpha inverted)."""
+
+    CATEGORY = "mask"
+    RETURN_TYPES = ("MASK",)
+    FUNCTION = "load_image"
+    CHANNELS = ["alpha", "red", "green", "blue"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"image": (_list_input_images(), {"image_upload": True}), "channel": (cls.CHANNELS,)}
+        }
+
+    def load_image(self, image, channel):
+        with Image.open(annotated_filepath(image)) as img:
+            frame = ImageOps.exif_transpose(img)
+            if frame.getbands() != ("R", "G", "B", "A"):
+                if frame.mode == "I":
+                    frame = frame.point(lambda v: v * (1 / 255))
+                frame = frame.convert("RGBA")
+            band = channel[0].upper()
+            mask = torch.from_numpy(np.array(frame.getchannel(band)).astype(np.float32) / 255.0)
+        return ((1.0 - mask if band == "A" else mask).unsqueeze(0),)
+
+    IS_CHANGED = classmethod(lambda cls, image, channel=None: LoadImage.IS_CHANGED(image))
+    VALIDATE_INPUTS = classmethod(lambda cls, image: LoadImage.VALIDATE_INPUTS(image))
+
+
+class ImageScale:
+    """ComfyUI's ImageScale (no lanczos: ComfyUI's own PIL path), crop disabled or centred."""
+
+    CATEGORY = "image/upscaling"
+    RETURN_TYPES = ("IMAGE",)
+    FUNCTION = "upscale"
+    METHODS = ["nearest-exact", "bilinear", "area", "bicubic"]
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        side = {"default": 512, "min": 0, "max": 16384, "step": 1}
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "upscale_method": (cls.METHODS,),
+                "width": ("INT", side),
+                "height": ("INT", side),
+                "crop": (["disabled", "center"],),
+            }
+        }
+
+    def upscale(self, image, upscale_method, width, height, crop):
+        if width == 0 and height == 0:
+            return (image,)
+        samples = image.movedim(-1, 1)
+        if width == 0:
+            width = max(1, round(samples.shape[3] * height / samples.shape[2]))
+        elif height == 0:
+            height = max(1, round(samples.shape[2] * width / samples.shape[3]))
+        if crop == "center":  # comfy.utils.common_upscale: cut to the new aspect ratio around the centre
+            old_w, old_h = samples.shape[3], samples.shape[2]
+            old_aspect, new_aspect = old_w / old_h, width / height
+            x = round((old_w - old_w * (new_aspect / old_aspect)) / 2) if old_aspect > new_aspect else 0
+            y = round((old_h - old_h * (old_aspect / new_aspect)) / 2) if old_aspect < new_aspect else 0
+            samples = samples.narrow(-2, y, old_h - y * 2).narrow(-1, x, old_w - x * 2)
+        out = torch.nn.functional.interpolate(samples, size=(height, width), mode=upscale_method)
+        return (out.movedim(1, -1),)
 
 
 def _expand_prefix(prefix: str, width: int, height: int) -> str:
@@ -260,5 +329,7 @@ STANDIN_NODE_CLASS_MAPPINGS = {
     "LoadImage": LoadImage,
     "SaveImage": SaveImage,
     "PreviewImage": PreviewImage,
+    "LoadImageMask": LoadImageMask,
+    "ImageScale": ImageScale,
     **LATENT_NODE_CLASS_MAPPINGS,
 }

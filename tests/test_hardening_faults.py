@@ -293,3 +293,17 @@ def test_a_handle_prints_short_after_sampling_with_every_kind():
         assert len(repr(spec)) < 400
     lora = lora_files.read_lora(comfy_host.resolve_model_path("loras", "a.safetensors"), after.base)
     assert "tensor(" not in repr(lora) and len(repr(lora)) < 400
+
+
+def test_img2img_and_a_masked_run_keep_every_adapter_in_force():
+    """LoRAs, an embedding and an IP-Adapter through the image-to-image path and a noise mask."""
+    before, after = chains(fresh_handle())
+    args = (PROMPT, NEGATIVE, 6, 4, 5.0, 64, 64, 1, "euler", "normal", -1)
+    start = Sampler().sample(before, *args)[1]
+    mask = torch.zeros(1, 64, 64)
+    mask[..., 32:] = 1.0
+    for latent, denoise in ((start, 0.6), ({**start, "noise_mask": mask}, 0.8)):
+        ours = Sampler().sample(after, *args, latent_image=latent, denoise=denoise)
+        plain = Sampler().sample(before, *args, latent_image=latent, denoise=denoise)
+        assert ours[0].shape == (1, 64, 64, 3) and not torch.equal(ours[0], plain[0])
+        assert torch.equal(ours[0], Sampler().sample(after, *args, latent_image=latent, denoise=denoise)[0])

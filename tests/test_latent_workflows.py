@@ -3,6 +3,7 @@ a LoRA in the chain; the VAE socket against the pack's own decode and ComfyUI's 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,3 +189,33 @@ def test_vae_socket_decodes_as_the_sampler_and_encodes_the_mode(demo_models):
         )
     ).outputs["6"][0]
     assert tiled.shape == images.shape
+
+
+def test_load_image_mask_and_image_scale_as_comfyui(tmp_path):
+    from PIL import Image
+
+    from comfyui_diffusers_adapters.headless.standin_nodes import ImageScale, LoadImageMask
+    from comfyui_diffusers_adapters.nodes import comfy_host
+
+    comfy_host.set_io_directories(tmp_path, tmp_path / "out")
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    rgba[:10, :, 3] = 0  # the top half transparent: to be repainted
+    Image.fromarray(rgba).save(tmp_path / "masked.png")
+    (alpha,) = LoadImageMask().load_image("masked.png", "alpha")
+    (red,) = LoadImageMask().load_image("masked.png", "red")
+    assert alpha.shape == (1, 20, 30) and torch.all(alpha[:, :10] == 1) and torch.all(alpha[:, 10:] == 0)
+    assert torch.allclose(red, torch.full((1, 20, 30), 200 / 255))
+    image = torch.rand(1, 20, 30, 3)
+    assert ImageScale().upscale(image, "bilinear", 60, 0, "disabled")[0].shape == (
+        1,
+        40,
+        60,
+        3,
+    )  # keeps aspect
+    (square,) = ImageScale().upscale(image, "nearest-exact", 16, 16, "center")
+    assert square.shape == (1, 16, 16, 3)
+    expected = torch.nn.functional.interpolate(
+        image[:, :, 5:25].movedim(-1, 1), size=(16, 16), mode="nearest-exact"
+    )
+    assert torch.equal(square, expected.movedim(1, -1))  # the centre 20 x 20 of the 20 x 30 image
