@@ -303,6 +303,24 @@ def share_unet_weights(pack_unet, comfy_model, unet_to_ldm) -> int:
     return len(pairs)
 
 
+def compare_images(comfy_side, pack_side, steps: int) -> None:
+    """The same seed, prompt, schedule and weights on both sides: how far the images are apart.
+    The noise and the schedule's steps agree; the samplers are ComfyUI's k-diffusion functions
+    against diffusers' schedulers, and the prompt encoders are each side's own."""
+    pack_side.setup()
+    try:
+        ours = pack_side.run(7, steps).float().cpu()
+    finally:
+        pack_side.teardown()
+    theirs = comfy_side.run(7, steps).float().cpu()
+    diff = (ours - theirs).abs()
+    print(
+        f"  images pack vs ComfyUI (seed 7, {steps} steps): mean |diff| {diff.mean().item():.4f}, "
+        f"max {diff.max().item():.4f} (0..1 pixels)",
+        flush=True,
+    )
+
+
 # ================================================================ one family
 def bench_family(family: str, args, comfy, pack, workdir: Path) -> dict:
     import torch
@@ -358,6 +376,7 @@ def bench_family(family: str, args, comfy, pack, workdir: Path) -> dict:
                 raise
             print(f"  variant {side.name} dropped: {type(e).__name__}: {str(e)[:300]}", flush=True)
     sides = usable
+    compare_images(comfy_side, next(s for s in sides if s.name == "pack base"), steps)
     times = {s.name: {"n": [], "1": []} for s in sides}
     deadline = time.monotonic() + args.time_limit if args.time_limit else None
     reps_done = 0

@@ -19,7 +19,6 @@ single-encoder file, `"clip_l"` and `"clip_g"` for SDXL. Widths are not checked 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Iterable, Mapping
@@ -27,6 +26,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .families import TEXT_ENCODER_BY_TOKEN_WIDTH
+from .numbers import tensor_outlier
 
 SINGLE = ""
 SDXL_SLOTS = ("clip_l", "clip_g")
@@ -217,13 +217,12 @@ def _matrix(value: Any, where: str) -> torch.Tensor:
 
 def _check_values(t: torch.Tensor, where: str) -> None:
     """Finite and within MAX_MAGNITUDE: one min/max pass (NaN propagates through both)."""
-    low, high = (float(v) for v in torch.aminmax(t))
-    if math.isnan(low) or math.isnan(high) or math.isinf(low) or math.isinf(high):
+    worst = tensor_outlier(t, MAX_MAGNITUDE)
+    if worst in ("NaN", "inf", "-inf"):
         raise EmbeddingFormatError(f"{where} contains NaN or infinite values (its training diverged).")
-    if not -MAX_MAGNITUDE <= low <= high <= MAX_MAGNITUDE:
-        worst = low if abs(low) > abs(high) else high
+    if worst is not None:
         raise EmbeddingFormatError(
-            f"{where} holds {worst:g}; embedding values must be no larger than {MAX_MAGNITUDE:g} (trained "
+            f"{where} holds {worst}; embedding values must be no larger than {MAX_MAGNITUDE:g} (trained "
             "ones stay within a few units): the file is damaged."
         )
 

@@ -30,7 +30,6 @@ PlusV2 have identical weights: PlusV2 only adds the id embedding back as a short
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -38,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .families import FAMILY_BY_CROSS_ATTENTION
+from .numbers import tensor_outlier
 
 VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm")
 VARIANT_NAMES = {
@@ -224,16 +224,10 @@ def _check_values(image_proj: Mapping[str, Any], ip_adapter: Mapping[str, Any]) 
     per file read (NaN propagates through min and max; no tensor-sized temporary)."""
     for part, tensors in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
         for key, t in tensors.items():
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 continue
-            if t.numel() == 0:
-                continue
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-                t = t.float()  # fp8: CPU min/max need a wider type
-            low, high = (float(v) for v in torch.aminmax(t.detach()))
-            if not -MAX_MAGNITUDE <= low <= high <= MAX_MAGNITUDE:
-                worst = low if not math.isfinite(low) or abs(low) > abs(high) else high
-                what = "NaN" if math.isnan(worst) else f"{worst:g}"
+            what = tensor_outlier(t, MAX_MAGNITUDE)
+            if what is not None:
                 raise IPAdapterFormatError(
                     f"This IP-Adapter file's {part}.{key} holds {what}; adapter weights must be finite "
                     f"numbers no larger than {MAX_MAGNITUDE:g} (the file is damaged)."

@@ -40,6 +40,7 @@ from .json_text import JsonTextError, parse_bounded_json
 from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, supported_names
 from .lora_algorithms import dora as dora_modifier
 from .lora_form import LayerPatch, LoraFile, LoraFormatError
+from .numbers import tensor_outlier
 
 StateDict = Mapping[str, torch.Tensor]
 Targets = Mapping[str, Mapping[str, tuple[int, ...]]]
@@ -389,12 +390,8 @@ def _check_values(group: _Group) -> None:
             t = group.tensors[name] = t.float()
         elif not t.is_floating_point():
             raise LoraFormatError(f"{key} holds {t.dtype} values; LoRA weights are floating-point numbers.")
-        if t.numel() == 0 or t.device.type == "meta":
-            continue
-        low, high = (float(v) for v in torch.aminmax(t.detach()))
-        if not -MAX_MAGNITUDE <= low <= high <= MAX_MAGNITUDE:
-            worst = low if not math.isfinite(low) or abs(low) > abs(high) else high
-            what = "NaN" if math.isnan(worst) else f"{worst:g}"
+        what = tensor_outlier(t, MAX_MAGNITUDE)
+        if what is not None:
             raise LoraFormatError(
                 f"{key} holds {what}; LoRA values must be finite numbers no larger than {MAX_MAGNITUDE:g} "
                 "(the file is damaged)."
