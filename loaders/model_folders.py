@@ -51,6 +51,26 @@ def check_shard_index(index: Path, shown: str) -> None:
 
 
 def check_shard_indexes(folder: Path) -> None:
-    """`check_shard_index` for the index files of a diffusers folder and its component folders."""
+    """`check_shard_index` for the index files of a diffusers folder and its component folders, and
+    every other JSON file there (model_index.json, config.json, tokenizer and scheduler files) through
+    the bounded parser: diffusers and transformers parse them with Python's json, where a deeply
+    nested file escapes as a RecursionError and a huge one fills memory."""
     for index in sorted([*folder.glob(f"*{INDEX_SUFFIX}"), *folder.glob(f"*/*{INDEX_SUFFIX}")]):
         check_shard_index(index, index.relative_to(folder).as_posix())
+    for config in sorted([*folder.glob("*.json"), *folder.glob("*/*.json")]):
+        if not config.name.endswith(INDEX_SUFFIX):
+            check_config_file(config, config.relative_to(folder).as_posix())
+
+
+def check_config_file(path: Path, shown: str) -> None:
+    """A JSON file of a model folder: at most MAX_INDEX_BYTES, JSON, nested at most 16 levels (real
+    configs nest 2-4; a tokenizer.json's merges list 3)."""
+    if path.stat().st_size > MAX_INDEX_BYTES:
+        raise ModelFileError(
+            f"{shown} is larger than {MAX_INDEX_BYTES // 2**20} MB; it is not a model config."
+        )
+    try:
+        # 64 digits: tokenizer_config.json holds transformers' "no limit", int(1e30), 31 digits
+        parse_bounded_json(path.read_bytes(), shown, max_chars=MAX_INDEX_BYTES, max_digits=64)
+    except JsonTextError as e:
+        raise ModelFileError(str(e)) from None

@@ -232,3 +232,18 @@ def test_a_fifo_inside_a_diffusers_folder_is_refused_not_waited_on(diffusers_fol
     os.mkfifo(config)
     with pytest.raises(comfy_host.ModelPathError, match="unet/config.json.*not a regular file"):
         _load("tiny")
+
+
+def test_deeply_nested_or_huge_config_files_in_a_diffusers_folder_are_refused(tmp_path):
+    from comfyui_diffusers_adapters.loaders.model_files import ModelFileError
+    from comfyui_diffusers_adapters.loaders.model_folders import check_shard_indexes
+
+    folder = tmp_path / "tiny"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (folder / "unet" / "config.json").write_text('{"in_channels": 4, "block_out_channels": [32, 64]}')
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 1000000000000000019884624838656}')
+    check_shard_indexes(folder)  # real configs pass
+    (folder / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelFileError, match="unet/config.json"):
+        check_shard_indexes(folder)
