@@ -186,3 +186,11 @@ def test_the_saved_view_shows_the_whole_graph(name):
         f"{name}: the graph spans ({left:.0f}, {top:.0f})-({right:.0f}, {bottom:.0f}) on screen, "
         f"the visible canvas is {VISIBLE}"
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_example_has_a_template_thumbnail(name):
+    """ComfyUI's template browser asks for example_workflows/<name>.jpg (scripts/workflow_thumbnails.py)."""
+    picture = EXAMPLES / name.replace(".json", ".jpg")
+    assert picture.is_file(), f"{picture.name} is missing: run scripts/workflow_thumbnails.py"
+    assert picture.stat().st_size < 100_000
