@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -194,3 +195,12 @@ def test_each_example_has_a_template_thumbnail(name):
     picture = EXAMPLES / name.replace(".json", ".jpg")
     assert picture.is_file(), f"{picture.name} is missing: run scripts/workflow_thumbnails.py"
     assert picture.stat().st_size < 100_000
+
+
+def test_the_template_category_is_named_for_the_packs_folder():
+    """The template browser titles the pack's category from locales/en/main.json, keyed by the folder
+    ComfyUI loads the pack from (README and pyproject: comfyui-diffusers-adapters)."""
+    root = EXAMPLES.parent
+    main = json.loads((root / "locales" / "en" / "main.json").read_text(encoding="utf-8"))
+    project = re.search(r'^name = "([^"]+)"', (root / "pyproject.toml").read_text(encoding="utf-8"), re.M)
+    assert list(main["templateWorkflows"]["category"]) == [project[1]]
