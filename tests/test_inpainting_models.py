@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
 
+from comfyui_diffusers_adapters.devtools.tiny_pipelines import build_tiny_pipeline
 from comfyui_diffusers_adapters.headless.latent_nodes import VAEEncodeForInpaint
 from comfyui_diffusers_adapters.loaders import base_models
 from comfyui_diffusers_adapters.loaders.latents import to_model_space
@@ -15,15 +16,16 @@ from comfyui_diffusers_adapters.loaders.sampling import SamplingSettings, encode
 from comfyui_diffusers_adapters.loaders.schedulers import make_scheduler
 from comfyui_diffusers_adapters.nodes.load_dreambooth import LoadDreamBooth
 from comfyui_diffusers_adapters.nodes.sampler import Sampler
-from testlib import ldm_state_dict, tiny_pipeline
+from testlib import ldm_state_dict
 
 ARGS = dict(
     cfg=5.0, width=64, height=64, batch_size=1, sampler_name="euler", scheduler="normal", clip_skip=-1
 )
 
 
-def inpainting_pipeline():
-    pipe = tiny_pipeline("sd1")
+def inpainting_pipeline(family: str = "sd1"):
+    """A fresh tiny pipeline (the cached one is shared) with a 9-channel UNet."""
+    pipe = build_tiny_pipeline(family, seed=0)
     torch.manual_seed(3)
     pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 9}).eval()
     return pipe
@@ -89,9 +91,7 @@ def test_an_inpainting_model_without_a_latent_draws_from_noise(loaded):
 def test_an_sdxl_inpainting_model_samples_with_a_mask():
     from comfyui_diffusers_adapters.loaders.pipeline_handle import PipelineHandle
 
-    pipe = tiny_pipeline("sdxl")
-    torch.manual_seed(3)
-    pipe.unet = UNet2DConditionModel(**{**pipe.unet.config, "in_channels": 9}).eval()
+    pipe = inpainting_pipeline("sdxl")
     handle = PipelineHandle(
         base_models.BaseModel(pipe, "sdxl", "tiny", torch.float32, torch.device("cpu"), "epsilon")
     )
