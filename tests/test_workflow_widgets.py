@@ -204,3 +204,35 @@ def test_the_template_category_is_named_for_the_packs_folder():
     main = json.loads((root / "locales" / "en" / "main.json").read_text(encoding="utf-8"))
     project = re.search(r'^name = "([^"]+)"', (root / "pyproject.toml").read_text(encoding="utf-8"), re.M)
     assert list(main["templateWorkflows"]["category"]) == [project[1]]
+
+
+GROUP_HEADER = 34  # a group's title bar at font size 24 (LiteGraph: font size x 1.4)
+
+
+def group_box(group: dict) -> tuple[float, float, float, float]:
+    x, y, w, h = group["bounding"]
+    return x, y, x + w, y + h
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_groups_hold_whole_nodes_below_their_titles(name):
+    """Groups (model / adapters / sampling / output) do not overlap; a node is wholly inside one,
+    under its title bar, or outside all of them."""
+    workflow = load(name)
+    groups = workflow.get("groups") or []
+    problems = [
+        f"groups {a['title']!r} and {b['title']!r} overlap"
+        for i, a in enumerate(groups)
+        for b in groups[i + 1 :]
+        if overlap(group_box(a), group_box(b))
+    ]
+    for node in workflow["nodes"]:
+        left, top, right, bottom = node_box(node)
+        for group in groups:
+            g_left, g_top, g_right, g_bottom = group_box(group)
+            inside = g_left <= left and right <= g_right and g_top + GROUP_HEADER <= top
+            inside = inside and bottom <= g_bottom
+            if overlap(node_box(node), group_box(group)) and not inside:
+                problems.append(f"node {node['id']} ({node['type']}) sticks out of group {group['title']!r}")
+    assert groups, f"{name} has no groups"
+    assert not problems, f"{name}:\n" + "\n".join(problems)
