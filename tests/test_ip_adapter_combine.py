@@ -209,8 +209,9 @@ def test_workflows_saved_before_the_option_convert_with_concat():
     classes = {**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
     workflow = json.loads((ROOT / "example_workflows" / "ip_adapter_plus.json").read_text(encoding="utf-8"))
     (node,) = [n for n in workflow["nodes"] if n["type"] == node_id("ApplyIPAdapter")]
-    old = list(node["widgets_values"])
-    assert len(old) == 9  # saved before combine_embeds existed
+    assert node["widgets_values"][9] == "concat"  # the example is saved with the option
+    old = node["widgets_values"][:9]  # as saved before combine_embeds existed
+    node["widgets_values"] = old
     names = ["ipadapter", "clip_vision", "scale", "start_at", "end_at", "block_scales", "lora_strength"]
     names += ["faceid_v2", "v2_weight"]
     inputs = ui_to_api(workflow, classes)[str(node["id"])]["inputs"]
