@@ -78,6 +78,7 @@ class BaseModel:
     lock: threading.RLock = field(default_factory=threading.RLock)
     applied: tuple = ()  # adapter specs currently applied to `pipe`, in order
     kind_state: dict = field(default_factory=dict)  # adapter kind name -> what it needs to undo itself
+    vae_socket: Any = None  # the VAE output's value, made once by nodes/comfy_host.vae_for
 
     def __repr__(self) -> str:  # short: ComfyUI prints a failed node's inputs (see KeyedSpec)
         return f"BaseModel({self.family}, {Path(self.source).name}, {self.dtype}, {self.device})"

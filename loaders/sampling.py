@@ -302,13 +302,20 @@ def _masked(step_end, start: _Start, mask: torch.Tensor):
     step's level (at the end: the input latent), as ComfyUI's KSamplerX0Inpaint and diffusers'
     inpaint pipeline with a 4-channel UNet do."""
 
+    moved: dict = {}  # the input latent, noise and mask on the run's device, moved once
+
     def wrapped(p, step: int, timestep, tensors: dict) -> dict:
         latents = tensors["latents"]
-        known = start.x0.to(latents.device, latents.dtype)
+        if not moved:
+            moved.update(
+                (name, t.to(latents.device, latents.dtype))
+                for name, t in (("x0", start.x0), ("noise", start.noise), ("mask", mask))
+            )
+        known = moved["x0"]
         if step + 1 < len(start.timesteps):
             later = start.timesteps[step + 1 : step + 2].to(latents.device)
-            known = p.scheduler.add_noise(known, start.noise.to(latents.device, latents.dtype), later)
-        m = mask.to(latents.device, latents.dtype)
+            known = p.scheduler.add_noise(known, moved["noise"], later)
+        m = moved["mask"]
         tensors["latents"] = latents * m + known * (1 - m)
         return step_end(p, step, timestep, tensors)
 

@@ -413,11 +413,9 @@ def vae_for(base: Any) -> Any:
     checkpoint, and ComfyUI's memory manager holds that copy. A VAE ComfyUI's class cannot hold
     (another group-norm size) falls back to the pipeline's own. Outside ComfyUI: the pipeline's
     VAE behind ComfyUI's VAE methods (loaders/vae_bridge.py), for the headless stand-ins."""
-    vae = getattr(base, "_vae_socket", None)
-    if vae is None:
-        vae = _LazyComfyVAE(base) if IN_COMFYUI else DiffusersVAE(base.pipe.vae, base.lock)
-        base._vae_socket = vae
-    return vae
+    if base.vae_socket is None:
+        base.vae_socket = _LazyComfyVAE(base) if IN_COMFYUI else DiffusersVAE(base.pipe.vae, base.lock)
+    return base.vae_socket
 
 
 class _LazyComfyVAE:

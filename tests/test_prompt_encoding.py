@@ -18,7 +18,7 @@ from comfyui_diffusers_adapters.loaders import prompt_encoding as pe
 from comfyui_diffusers_adapters.loaders.tokenizers import END_OF_TEXT, OPEN_CLIP_PAD, clip_tokenizer
 
 BOS, EOS = 49406, 49407
-COMFYUI = Path(os.environ.get("COMFYUI_PATH", "/work/comfyui"))
+COMFYUI = Path(os.environ.get("COMFYUI_PATH", "COMFYUI_PATH-not-set"))  # a ComfyUI checkout, if any
 
 
 def _config(hidden: int, **extra) -> CLIPTextConfig:
