@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..converters.families import PARTS
+from ..converters.families import DENOISERS, PARTS, TRANSFORMER_FAMILIES
 
 TOKENIZERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
 
@@ -34,7 +34,8 @@ def module_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def pipeline_parts(pipe: Any) -> dict[str, torch.nn.Module]:
-    """The pipeline's patchable parts that it has ("text_encoder_2" only for SDXL)."""
+    """The pipeline's patchable parts that it has ("unet" or "transformer"; "text_encoder_2" for SDXL
+    and Flux)."""
     return {p: getattr(pipe, p) for p in PARTS if getattr(pipe, p, None) is not None}
 
 
@@ -60,7 +61,7 @@ class PipelineLayout:
 
     family: str
     parts: Mapping[str, Shapes]  # part -> module path -> weight shape
-    unet_config: Mapping[str, Any]
+    unet_config: Mapping[str, Any]  # the denoiser's config: the UNet's, or Flux's transformer's
     attention: AttentionLayout
     token_widths: Mapping[str, int]  # text encoder attribute -> width of its token embeddings
     vocabularies: Mapping[str, frozenset[str]]  # tokenizer attribute -> its words (no added tokens)
@@ -71,8 +72,16 @@ class PipelineLayout:
 
     @property
     def latent_channels(self) -> int:
-        """Channels of the VAE's latents, which the UNet predicts (an inpainting UNet takes more in)."""
+        """Channels of the VAE's latents, which the UNet predicts (an inpainting UNet takes more in);
+        Flux's transformer reads them packed in 2x2 patches (64 input channels for 16 latent ones)."""
+        if self.family in TRANSFORMER_FAMILIES:
+            return int(self.unet_config.get("out_channels") or self.unet_config["in_channels"]) // 4
         return int(self.unet_config.get("out_channels", 4))
+
+    @property
+    def denoiser(self) -> str:
+        """The part that denoises: "unet" or "transformer"."""
+        return next(p for p in DENOISERS if p in self.parts)
 
 
 def _frozen(mapping: Mapping) -> Mapping:
@@ -126,13 +135,14 @@ def layout_of(pipe: Any, family: str) -> PipelineLayout:
     """The layout record of a freshly loaded pipeline (before any adapter touched it)."""
     parts = pipeline_parts(pipe)
     unet = parts.get("unet")
+    denoiser = unet if unet is not None else parts.get("transformer")
     fields = {
         "family": family,
         "parts": _frozen({p: _frozen(module_shapes(m)) for p, m in parts.items()}),
-        "unet_config": _frozen(dict(unet.config)) if unet is not None else _frozen({}),
+        "unet_config": _frozen(dict(denoiser.config)) if denoiser is not None else _frozen({}),
         "attention": _attention(unet),
         "token_widths": _frozen(
-            {p: int(m.get_input_embeddings().weight.shape[1]) for p, m in parts.items() if p != "unet"}
+            {p: int(m.get_input_embeddings().weight.shape[1]) for p, m in parts.items() if p not in DENOISERS}
         ),
         "vocabularies": _frozen(
             {

@@ -1,0 +1,144 @@
+"""A tiny random-weight Flux.1 pipeline (dev or schnell) for tests, benchmarks and offline demos.
+
+It keeps every structural trait the pack relies on: double (joint) and single transformer blocks,
+more than one of each so per-block tables cannot cheat, the guidance embedding of dev (none for
+schnell), 16 VAE latent channels packed 2x2 into 64 transformer input channels, Flux's VAE shift and
+scale, CLIP-L (pooled) beside a T5 v1.1 encoder (gated GELU), Flux's flow-matching scheduler
+configs, and a T5 tokenizer built here (never downloaded). A 64x64 image samples in a fraction of a
+second on a CPU. Only the widths and depths are small, so nothing may assume Flux's full-size
+widths (3072), block counts (19 double, 38 single) or head width (128).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
+
+from ..loaders.tokenizers import clip_tokenizer
+from .tiny_pipelines import _text_config
+
+VARIANTS = ("dev", "schnell")
+LATENT_CHANNELS = 16  # Flux's VAE; the transformer reads 2x2 patches of it (64 channels)
+DOUBLE_BLOCKS = 2
+SINGLE_BLOCKS = 3
+HEADS = 2
+HEAD_DIM = 16
+T5_WIDTH = 32
+CLIP_WIDTH = 64
+# Flux.1's VAE: latents = (vae latents - shift) * scale (diffusers' AutoencoderKL config of FLUX.1).
+VAE_SHIFT = 0.1159
+VAE_SCALE = 0.3611
+# A few whole words, then every character: any prompt tokenizes (unknown characters to <unk>).
+_T5_WORDS = "a an the of photo cat dog portrait style in on with and".split()
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A tiny T5 (SentencePiece-Unigram style) tokenizer: <pad> 0, </s> 1, <unk> 2, as T5's own."""
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in _T5_WORDS]
+    vocab += [(c, -5.0) for c in "\u2581" + string.ascii_lowercase + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=vocab, extra_ids=0)
+
+
+def save_t5_tokenizer(folder: Path) -> Path:
+    """Write the tiny T5 tokenizer's files (tokenizer.json, tokenizer_config.json) into `folder`."""
+    t5_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _t5_config(vocab_size: int) -> T5Config:
+    # T5 v1.1 (what Flux uses): gated GELU feed-forward, untied input/output embeddings.
+    return T5Config(
+        vocab_size=vocab_size,
+        d_model=T5_WIDTH,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
+def _transformer(variant: str) -> FluxTransformer2DModel:
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=LATENT_CHANNELS * 4,
+        num_layers=DOUBLE_BLOCKS,
+        num_single_layers=SINGLE_BLOCKS,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=HEADS,
+        joint_attention_dim=T5_WIDTH,
+        pooled_projection_dim=CLIP_WIDTH,
+        guidance_embeds=variant == "dev",
+        axes_dims_rope=(4, 4, 8),  # sums to HEAD_DIM, as (16, 56, 56) sums to 128
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 64),
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=32,
+        sample_size=64,
+        scaling_factor=VAE_SCALE,
+        shift_factor=VAE_SHIFT,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        force_upcast=True,
+    )
+
+
+def flux_scheduler(variant: str) -> FlowMatchEulerDiscreteScheduler:
+    """The scheduler config of FLUX.1-dev (resolution-dependent shift) or FLUX.1-schnell (none)."""
+    if variant == "schnell":
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
+        )
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_flux(variant: str = "dev", seed: int = 0) -> FluxPipeline:
+    """A tiny random-weight Flux.1 pipeline ("dev": guidance embedding; "schnell": none), the same for
+    the same seed. The global torch RNG state is left as it was."""
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown Flux variant {variant!r}; expected one of {', '.join(VARIANTS)}.")
+    tokenizer_2 = t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+
+        def seeded(make):
+            torch.manual_seed(seed)
+            return make().eval()
+
+        pipe = FluxPipeline(
+            scheduler=flux_scheduler(variant),
+            vae=seeded(_vae),
+            text_encoder=seeded(lambda: CLIPTextModel(_text_config(CLIP_WIDTH, "quick_gelu"))),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=seeded(lambda: T5EncoderModel(_t5_config(len(tokenizer_2)))),
+            tokenizer_2=tokenizer_2,
+            transformer=seeded(lambda: _transformer(variant)),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
