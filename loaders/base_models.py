@@ -35,6 +35,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from ..converters import checkpoint_layout
 from ..converters.families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES
 from ..converters.training_metadata import summarize
+from . import flux_files
 from .attention_calls import skip_signature_lookups
 from .file_stamps import source_stamp
 from .model_files import (
@@ -297,6 +298,8 @@ def _text_to_image(pipe: DiffusionPipeline) -> DiffusionPipeline:
 
 
 def family_of_pipeline(pipe: DiffusionPipeline) -> str:
+    if type(pipe).__name__ == "FluxPipeline":
+        return "flux"
     if isinstance(pipe, StableDiffusionXLPipeline):
         return "sdxl"
     if isinstance(pipe, StableDiffusionPipeline):
@@ -362,7 +365,8 @@ def load_base_model(
             f"Unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}."
         )
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    flux = dtype == "auto" and flux_files.is_flux_source(path)  # Flux: bf16 on a GPU (T5 overflows in fp16)
+    torch_dtype = flux_files.auto_dtype(dev) if flux else resolve_dtype(dtype, dev)
     stamp = _source_key(path)
     # A file changed on disk: forget its stale entries (every dtype and device) before loading it.
     _cache.discard(lambda key, old: key[0] == str(path) and old != stamp)
@@ -374,11 +378,14 @@ def load_base_model(
 
 
 def _load(path: Path, torch_dtype: torch.dtype, dev: torch.device, prediction: str) -> BaseModel:
-    loader = load_diffusers_folder if path.is_dir() else load_single_file
-    pipe, family, pred, info = loader(path, torch_dtype, prediction)
+    flux = flux_files.is_flux_source(path)
+    single = flux_files.load_single_file if flux else load_single_file
+    loader = load_diffusers_folder if path.is_dir() else single
+    pipe, family, pred, info = loader(path, torch_dtype, "auto" if flux else prediction)
+    pred = flux_files.PREDICTION if flux else pred
     pipe.to(dev)
     pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))
-    for model in (pipe.unet, pipe.vae):
+    for model in (getattr(pipe, "unet", None) or pipe.transformer, pipe.vae):
         skip_signature_lookups(model)
     return BaseModel(pipe, family, str(path), torch_dtype, dev, pred, info)
 
