@@ -5,6 +5,7 @@ from .apply_ip_adapter import ApplyIPAdapter
 from .common import node_id
 from .face_id_embed import FaceIDEmbed
 from .load_dreambooth import LoadDreamBooth
+from .load_flux import LoadFlux, configure_t5_tokenizer
 from .load_lora import ExportLoRA, LoadLoRA, UnloadLoRA
 from .load_textual_inversion import LoadTextualInversion
 from .sampler import LatentSampler, Sampler
@@ -16,6 +17,7 @@ from .sampler import LatentSampler, Sampler
 # The ids never change: saved workflows use them.
 _NODES = {
     LoadDreamBooth: "Load DreamBooth Checkpoint (Diffusers)",
+    LoadFlux: "Load Flux (Diffusers)",
     LoadTextualInversion: "Load Textual Inversion Embedding (Diffusers)",
     LoadLoRA: "LoRA Loader (Diffusers)",
     UnloadLoRA: "Unload LoRAs (Diffusers)",
@@ -30,6 +32,7 @@ _NODES = {
 # frontend's search (1.35 does not read it yet; the display names above do the work there).
 _SEARCH_ALIASES = {
     LoadDreamBooth: ("dreambooth", "checkpoint", "diffusers", "sd1.5", "sdxl"),
+    LoadFlux: ("flux", "flux.1", "unet loader", "dual clip", "t5", "diffusers"),
     LoadTextualInversion: ("embedding", "textual inversion", "negative embedding", "diffusers"),
     LoadLoRA: ("lora", "lycoris", "locon", "loha", "lokr", "diffusers"),
     UnloadLoRA: ("lora", "unload lora", "remove lora", "diffusers"),
@@ -45,3 +48,4 @@ for _cls, _aliases in _SEARCH_ALIASES.items():
 NODE_CLASS_MAPPINGS = {node_id(cls.__name__): cls for cls in _NODES}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id(cls.__name__): name for cls, name in _NODES.items()}
 comfy_host.register_pack_folders()
+configure_t5_tokenizer()

@@ -35,6 +35,11 @@ except ImportError:
 
 PACK_FOLDERS = ("ipadapter", "insightface")
 MODEL_FOLDERS = ("checkpoints", "diffusers", "loras", "embeddings", "clip_vision") + PACK_FOLDERS
+# Flux's split files. ComfyUI lists the legacy folders under the new names (its map_legacy); outside
+# ComfyUI the same pairs are searched, the new name first.
+FLUX_FOLDERS = ("diffusion_models", "unet", "text_encoders", "clip", "vae")
+MODEL_FOLDERS += FLUX_FOLDERS
+LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin", ".sft")
 # NAME_MAX and PATH_MAX of common file systems: longer names are refused before the OS sees them.
 MAX_COMPONENT_BYTES = 255
@@ -88,7 +93,7 @@ def folder_roots(folder: str) -> list[Path]:
         except KeyError:
             return [Path(_fp.models_dir) / folder]
     root = _standalone_root or Path(os.environ.get("DIFFUSERS_ADAPTERS_MODELS", "models")).resolve()
-    return [root / folder]
+    return [root / name for name in (folder, *LEGACY_FOLDERS.get(folder, ()))]
 
 
 def _walk_model_folder(root: Path) -> Iterator[tuple[str, list[str], list[str]]]:
@@ -489,3 +494,14 @@ def set_io_directories(input_dir: str | os.PathLike, output_dir: str | os.PathLi
     """Outside ComfyUI: where stand-in LoadImage reads and SaveImage writes."""
     os.environ["DIFFUSERS_ADAPTERS_INPUT"] = str(Path(input_dir).resolve())
     os.environ["DIFFUSERS_ADAPTERS_OUTPUT"] = str(Path(output_dir).resolve())
+
+
+# ---------------------------------------------------------------- the T5 tokenizer
+def t5_tokenizer_folder() -> Path | None:
+    """Inside ComfyUI: the T5 tokenizer files ComfyUI itself ships (comfy/text_encoders/t5_tokenizer),
+    read where they are, never copied; outside, None (the loader then asks for a folder)."""
+    if not IN_COMFYUI:
+        return None
+    # comfy/text_encoders is a namespace package (no __file__): found beside comfy/utils.py.
+    folder = Path(_cu.__file__).resolve().parent / "text_encoders" / "t5_tokenizer"
+    return folder if folder.is_dir() else None
