@@ -175,13 +175,16 @@ def latent_mask(noise_mask: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 
 def to_model_space(samples: torch.Tensor, vae_config: Any) -> torch.Tensor:
-    """The VAE's latents as diffusers' UNet takes them (x scaling_factor; SDXL VAEs with
-    latents_mean/std as diffusers' SDXL pipelines undo them)."""
+    """The VAE's latents as diffusers' UNet (or Flux transformer) takes them (x scaling_factor; SDXL
+    VAEs with latents_mean/std as diffusers' SDXL pipelines undo them; Flux's VAE shifted first)."""
     mean, std = getattr(vae_config, "latents_mean", None), getattr(vae_config, "latents_std", None)
     if mean is not None and std is not None:
         mean = torch.tensor(mean, dtype=samples.dtype).view(1, -1, 1, 1)
         std = torch.tensor(std, dtype=samples.dtype).view(1, -1, 1, 1)
         return (samples - mean) * vae_config.scaling_factor / std
+    shift = getattr(vae_config, "shift_factor", None)
+    if shift is not None:  # Flux (and SD3) VAEs: ComfyUI's latent_format.process_in
+        return (samples - shift) * vae_config.scaling_factor
     return samples * vae_config.scaling_factor
 
 
@@ -193,6 +196,9 @@ def from_model_space(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
         mean = torch.tensor(mean, dtype=latents.dtype).view(1, -1, 1, 1)
         std = torch.tensor(std, dtype=latents.dtype).view(1, -1, 1, 1)
         return latents * std / vae_config.scaling_factor + mean
+    shift = getattr(vae_config, "shift_factor", None)
+    if shift is not None:  # Flux: ComfyUI's process_out, as diffusers' FluxPipeline decodes
+        return latents / vae_config.scaling_factor + shift
     return latents / vae_config.scaling_factor
 
 

@@ -25,6 +25,8 @@ from diffusers import (
 )
 
 from .base_models import same_device
+from .flux_sampling import PREVIEW_FACTORS as FLUX_PREVIEW_FACTORS
+from .flux_sampling import is_flux, sample_flux
 from .latents import (
     LatentInput,
     comfy_noise,
@@ -60,6 +62,7 @@ _PREVIEW_FACTORS = {
         ],
         [0.1084, -0.0175, -0.0011],
     ),
+    "flux": FLUX_PREVIEW_FACTORS,  # 16 channels
 }
 
 
@@ -77,6 +80,7 @@ class SamplingSettings:
     scheduler: str = "normal"
     clip_skip: int = -1
     denoise: float = 1.0  # KSampler's meaning; used with a LATENT input (loaders/latents.py)
+    guidance: float = 3.5  # Flux dev's distilled guidance (ComfyUI's FluxGuidance); unused elsewhere
 
     def __post_init__(self) -> None:
         if self.width % 8 or self.height % 8:
@@ -84,8 +88,8 @@ class SamplingSettings:
 
 
 def latent_preview(latents: torch.Tensor, family: str) -> torch.Tensor:
-    """A rough [H/8, W/8, 3] uint8 preview of the first latent in the batch."""
-    factors, bias = _PREVIEW_FACTORS["sdxl" if family == "sdxl" else "sd"]
+    """A rough [H/8, W/8, 3] uint8 preview of the first latent in the batch (Flux's unpacked)."""
+    factors, bias = _PREVIEW_FACTORS[family if family in ("sdxl", "flux") else "sd"]
     rgb = torch.einsum("chw,cr->hwr", latents[0].float().cpu(), torch.tensor(factors)) + torch.tensor(bias)
     return ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
 
@@ -335,7 +339,10 @@ def sample(
 
     The pipeline's scheduler is swapped for this run only and restored afterwards, also when
     `on_step` raises (interruption). `extra`: more pipeline keywords (IP-Adapter image embeds).
-    `latent`: a checked LATENT input; then `s.denoise` applies and width/height/batch_size do not."""
+    `latent`: a checked LATENT input; then `s.denoise` applies and width/height/batch_size do not.
+    A Flux pipeline samples with Flux's conventions (loaders/flux_sampling.py)."""
+    if is_flux(pipe):
+        return Sampled(*sample_flux(pipe, s, on_step, extra, latent, decode))
     if latent is not None and denoise_steps(s.steps, s.denoise)[1] == 0:  # denoise 0: nothing to do
         unchanged = to_model_space(latent.samples, pipe.vae.config).to(pipe.device, pipe.dtype)
         images = decode_latents(pipe, unchanged) if decode else None

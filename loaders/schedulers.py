@@ -50,6 +50,12 @@ SAMPLERS: dict[str, tuple[type[SchedulerMixin], dict]] = {
     "uni_pc": (UniPCMultistepScheduler, {}),
 }
 SCHEDULES = ("normal", "karras")
+# Flux.1 samples with diffusers' flow-matching Euler (FlowMatchEulerDiscreteScheduler), under the
+# two schedules Flux workflows use (loaders/flux_sampling.py says what each is).
+FLUX_SAMPLERS = ("euler",)
+FLUX_SCHEDULES = ("simple", "normal")
+# What the Sampler's scheduler widget offers: "simple" is Flux's (SD models refuse it).
+SCHEDULE_CHOICES = (*SCHEDULES, "simple")
 
 
 class SchedulerChoiceError(ValueError):
@@ -66,7 +72,10 @@ def make_scheduler(sampler_name: str, schedule: str, base_config: dict) -> Sched
     if sampler_name not in SAMPLERS:
         raise SchedulerChoiceError(f"Unknown sampler {sampler_name!r}; choose one of {', '.join(SAMPLERS)}.")
     if schedule not in SCHEDULES:
-        raise SchedulerChoiceError(f"Unknown scheduler {schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        flux_only = " ('simple' is for Flux models here)" if schedule in FLUX_SCHEDULES else ""
+        raise SchedulerChoiceError(
+            f"Unknown scheduler {schedule!r}{flux_only}; choose one of {', '.join(SCHEDULES)}."
+        )
     cls, extra = SAMPLERS[sampler_name]
     # Private keys such as `_use_default_values` would make from_config drop our settings.
     config = {k: v for k, v in base_config.items() if not k.startswith("_")} | extra
@@ -86,3 +95,13 @@ def default_scheduler(family: str, prediction: str) -> SchedulerMixin:
     cls = EulerDiscreteScheduler if family == "sdxl" else PNDMScheduler
     extra = {"skip_prk_steps": True} if cls is PNDMScheduler else {}
     return cls.from_config({**SD_SCHEDULE, **extra, "prediction_type": prediction})
+
+
+def check_flux_choice(sampler_name: str, schedule: str) -> None:
+    """Refuse a sampler or schedule that Flux sampling does not have, naming what it has."""
+    if sampler_name not in FLUX_SAMPLERS or schedule not in FLUX_SCHEDULES:
+        raise SchedulerChoiceError(
+            f"Flux models sample with sampler_name {' or '.join(FLUX_SAMPLERS)} and scheduler "
+            f"{' or '.join(FLUX_SCHEDULES)} (diffusers' flow-matching Euler); got {sampler_name!r} with "
+            f"{schedule!r}."
+        )
