@@ -8,7 +8,7 @@ from ..loaders.latents import read_latent
 from ..loaders.pipeline_handle import PipelineHandle
 from ..loaders.prompt_encoding import check_prompt
 from ..loaders.sampling import SamplingSettings, latent_preview, run
-from ..loaders.schedulers import SAMPLERS, SCHEDULES
+from ..loaders.schedulers import SAMPLERS, SCHEDULE_CHOICES
 from ..loaders.textual_inversion import with_prompt_embeddings
 from . import comfy_host
 from .common import CATEGORY, PIPELINE, checks_numbers
@@ -22,7 +22,9 @@ class Sampler:
         "Samples images from a pipeline socket with its adapters applied. Prompts use ComfyUI's syntax: "
         "long prompts are not truncated and (text:1.2) weights a phrase. The same seed gives the same image "
         "on any device. With a latent_image it works like the core KSampler: denoise below 1 keeps part "
-        "of the input (img2img, hires fix), a noise mask repaints only the masked region."
+        "of the input (img2img, hires fix), a noise mask repaints only the masked region. Flux models: "
+        "sampler euler with scheduler simple or normal; guidance is dev's distilled guidance (schnell "
+        "ignores it); cfg 1 uses no negative prompt, above 1 it is true CFG (two passes a step)."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "LATENT")
@@ -85,8 +87,11 @@ class Sampler:
                 ),
                 "sampler_name": (list(SAMPLERS), {"default": "euler", "tooltip": "The sampling algorithm."}),
                 "scheduler": (
-                    list(SCHEDULES),
-                    {"default": "normal", "tooltip": "Noise schedule; karras where the sampler supports it."},
+                    list(SCHEDULE_CHOICES),
+                    {
+                        "default": "normal",
+                        "tooltip": "Noise schedule; karras where the sampler supports it; simple for Flux.",
+                    },
                 ),
                 "clip_skip": (
                     "INT",
@@ -126,6 +131,17 @@ class Sampler:
                         "latent_image that much (0.5 for a hires fix, 0.6 for img2img).",
                     },
                 ),
+                "guidance": (
+                    "FLOAT",
+                    {
+                        "default": 3.5,
+                        "min": 0.0,
+                        "max": 100.0,
+                        "step": 0.1,
+                        "tooltip": "Flux dev's distilled guidance (as ComfyUI's FluxGuidance node); "
+                        "ignored for SD and Flux schnell",
+                    },
+                ),
             },
         }
 
@@ -146,6 +162,7 @@ class Sampler:
         offload_after: bool = False,
         latent_image: dict | None = None,
         denoise: float = 1.0,
+        guidance: float = 3.5,
     ):
         channels = pipeline.base.layout.latent_channels
         latent = None if latent_image is None else read_latent(latent_image, channels, "latent_image")
@@ -166,6 +183,7 @@ class Sampler:
             scheduler,
             clip_skip,
             denoise,
+            guidance,
         )
         check_prompt(positive, "positive prompt")  # before any embedding file is read
         check_prompt(negative, "negative prompt")
