@@ -116,9 +116,13 @@ def resave_workflow(workflow: dict, node_classes: Mapping[str, type]) -> dict:
     return workflow
 
 
-# The part of a 1600x1000 browser window where the canvas is not under the frontend's left
-# sidebar, top menu and tab bar, or bottom-right zoom controls: (left, top, right, bottom).
-VISIBLE = (60, 80, 1560, 940)
+# The part of a 1600x1000 browser window where the canvas shows (frontend 1.35.9, measured with
+# scripts/editor_check.py): right of the sidebar (59 px), below the tab bar (37 px) and the floating
+# workflow name and Run bars (to y 88): (left, top, right, bottom).
+VISIBLE = (60, 92, 1596, 940)
+# Drawn over that part: the minimap and zoom controls at the bottom right, the canvas info text
+# (render time, node counts) at the bottom left.
+COVERED = ((1338, 736, 1600, 1000), (0, 912, 140, 1000))
 
 
 def node_box(node: Mapping) -> tuple[float, float, float, float]:
@@ -129,8 +133,7 @@ def node_box(node: Mapping) -> tuple[float, float, float, float]:
 
 def graph_box(workflow: Mapping) -> tuple[float, float, float, float]:
     """The canvas rectangle that holds every node and group."""
-    boxes = [node_box(n) for n in workflow.get("nodes") or []]
-    boxes += [(x, y, x + w, y + h) for x, y, w, h in (g["bounding"] for g in workflow.get("groups") or [])]
+    boxes = item_boxes(workflow)
     return (
         min(b[0] for b in boxes),
         min(b[1] for b in boxes),
@@ -139,15 +142,37 @@ def graph_box(workflow: Mapping) -> tuple[float, float, float, float]:
     )
 
 
+def item_boxes(workflow: Mapping) -> list[tuple[float, float, float, float]]:
+    """(left, top, right, bottom) on the canvas of every node (title bar included) and group."""
+    boxes = [node_box(n) for n in workflow.get("nodes") or []]
+    groups = [g["bounding"] for g in workflow.get("groups") or []]
+    return boxes + [(x, y, x + w, y + h) for x, y, w, h in groups]
+
+
+def on_screen(box: tuple[float, float, float, float], ds: Mapping) -> tuple[float, float, float, float]:
+    """A canvas rectangle where the editor draws it with the view `ds`: screen = (canvas + offset) * scale."""
+    (dx, dy), scale = ds["offset"], ds["scale"]
+    return ((box[0] + dx) * scale, (box[1] + dy) * scale, (box[2] + dx) * scale, (box[3] + dy) * scale)
+
+
+def overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def fit_view(workflow: dict) -> None:
-    """Save a view (extra.ds) that shows the whole graph in VISIBLE: at zoom 1 when it fits,
-    smaller when it does not, centred. The editor restores this view when it opens the file."""
+    """Save a view (extra.ds) that shows the whole graph in VISIBLE, clear of COVERED: at zoom 1
+    when it fits, smaller when it does not, centred across. The editor restores it on opening."""
     left, top, right, bottom = graph_box(workflow)
     margin = 4  # the saved offset is rounded
     width, height = VISIBLE[2] - VISIBLE[0] - 2 * margin, VISIBLE[3] - VISIBLE[1] - 2 * margin
-    scale = min(1.0, width / (right - left), height / (bottom - top))
-    scale = int(scale * 100) / 100  # rounded down: still fits
-    # screen = (canvas + offset) * scale
-    dx = (VISIBLE[0] + margin + (width - (right - left) * scale) / 2) / scale - left
-    dy = (VISIBLE[1] + margin) / scale - top
-    workflow.setdefault("extra", {})["ds"] = {"scale": scale, "offset": [round(dx, 1), round(dy, 1)]}
+    scale = int(min(1.0, width / (right - left), height / (bottom - top)) * 100) / 100  # rounded down
+    boxes = item_boxes(workflow)
+    while True:
+        dx = (VISIBLE[0] + margin + (width - (right - left) * scale) / 2) / scale - left
+        dy = (VISIBLE[1] + margin) / scale - top
+        ds = {"scale": scale, "offset": [round(dx, 1), round(dy, 1)]}
+        hidden = any(overlaps(on_screen(box, ds), c) for box in boxes for c in COVERED)
+        if not hidden or scale <= 0.5:
+            break
+        scale = round(scale - 0.01, 2)
+    workflow.setdefault("extra", {})["ds"] = ds

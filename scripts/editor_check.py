@@ -18,6 +18,7 @@ Checks per workflow:
   visible     every node (with its title bar) and group lies inside the window, not under the
               sidebar, the top bar, the Run toolbar or the minimap, at the view the editor opens with
   overlap     no two nodes overlap, no two groups overlap
+  text        every text box (Notes, prompts) shows its whole text without scrolling
   unmodified  the editor did not change the workflow on opening (its change tracker, and the
               widget values it would save equal the file's)
   open-errors no console error and no failed request while opening
@@ -121,6 +122,12 @@ JS_MODIFIED = """() => {
   wf?.changeTracker?.checkState();
   return {path: wf?.path ?? null, modified: !!wf?.isModified};
 }"""
+
+# Text boxes (Notes, prompts) whose text does not fit: the user would have to scroll to read it.
+JS_CUT_TEXT = """() => window.app.graph.nodes.flatMap(n => (n.widgets ?? [])
+  .filter(w => w.element?.tagName === 'TEXTAREA' && w.element.scrollHeight > w.element.clientHeight + 2)
+  .map(w => `node ${n.id} ${n.title}: ${w.name} shows ${w.element.clientHeight}`
+    + ` of ${w.element.scrollHeight} px`))"""
 
 JS_QUICK = """(values) => {
   const changed = [];
@@ -289,18 +296,19 @@ def category_title(folder: str) -> str:
 
 def open_pack_templates(page: Any, folder: str) -> None:
     """The user's way: the Templates button of the sidebar, then the pack's category."""
-    dialog = page.get_by_role("dialog")
-    if not dialog.is_visible():
+    title = category_title(folder)
+    if not page.get_by_role("dialog").filter(has_text=title).is_visible():
+        close_dialogs(page)  # another dialog (a run's error) would be in the way
         page.get_by_role("button", name="Templates", exact=True).click()
-    dialog.get_by_text(category_title(folder), exact=True).first.click()
+    page.get_by_role("dialog").get_by_text(title, exact=True).first.click()
     page.locator('[data-testid^="template-workflow-"]').first.wait_for()
 
 
 def close_dialogs(page: Any) -> None:
-    """Close what a failed step left open (the template browser's close button has no label)."""
+    """Close open dialogs (the template browser's close button has no label)."""
     page.keyboard.press("Escape")
     close = page.locator("[role=dialog] button:has(i.pi-times)")
-    for i in range(close.count()):
+    for i in reversed(range(close.count())):
         close.nth(i).click()
 
 
@@ -327,6 +335,12 @@ def thumbnails(page: Any, names: list[str]) -> dict[str, str]:
     return shown
 
 
+def load_editor(page: Any, server: str) -> None:
+    page.goto(server)
+    page.wait_for_function("() => window.app?.graph && window.app?.canvas", timeout=120_000)
+    page.wait_for_timeout(2000)  # the frontend's extensions settle
+
+
 def check_layout(page: Any, report: Report, name: str) -> None:
     layout = page.evaluate(JS_LAYOUT)
     hidden = []
@@ -345,6 +359,8 @@ def check_layout(page: Any, report: Report, name: str) -> None:
                 if intersect(a["box"], b["box"]):
                     overlaps.append(f"{a.get('id', a['title'])} and {b.get('id', b['title'])}")
     report.check(name, "overlap", not overlaps, "; ".join(overlaps))
+    cut = page.evaluate(JS_CUT_TEXT)
+    report.check(name, "text", not cut, "; ".join(cut))
 
 
 def intersect(a: list[float], b: list[float]) -> bool:
@@ -406,6 +422,9 @@ def check_workflow(
 ) -> None:
     name = path.stem
     workflow = json.loads(path.read_text(encoding="utf-8"))
+    # Each workflow in a freshly loaded editor, as a user opening it first: nothing left over from
+    # the last run (its job-queue bar, dialogs) over the canvas.
+    load_editor(page, args.server_url)
     events.take()
     open_pack_templates(page, args.folder)
     page.locator(f'[data-testid="template-workflow-{name}"]').click()
@@ -431,6 +450,7 @@ def check_workflow(
 
 
 def browse(args: argparse.Namespace, server: str, report: Report) -> None:
+    args.server_url = server
     from playwright.sync_api import sync_playwright  # a dev dependency: only this tool needs it
 
     paths = sorted((ROOT / "example_workflows").glob("*.json"))
@@ -449,9 +469,7 @@ def browse(args: argparse.Namespace, server: str, report: Report) -> None:
             page = browser.pages[0] if browser.pages else browser.new_page()
             events = Events()
             watch(page, events)
-            page.goto(server)
-            page.wait_for_function("() => window.app?.graph && window.app?.canvas", timeout=120_000)
-            page.wait_for_timeout(2000)
+            load_editor(page, server)
             startup = [e for e in events.take() if not any(n in e for n in STARTUP_NOISE)]
             report.check("(startup)", "errors", not startup, "; ".join(startup)[:600])
             open_pack_templates(page, args.folder)

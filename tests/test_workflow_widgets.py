@@ -19,10 +19,14 @@ import pytest
 
 from comfyui_diffusers_adapters.headless.editor_layout import (
     CONTROL_VALUES,
+    COVERED,
     VISIBLE,
     graph_box,
+    item_boxes,
     min_height,
     node_box,
+    on_screen,
+    overlaps,
     socket_specs,
 )
 from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
@@ -187,6 +191,8 @@ def test_the_saved_view_shows_the_whole_graph(name):
         f"{name}: the graph spans ({left:.0f}, {top:.0f})-({right:.0f}, {bottom:.0f}) on screen, "
         f"the visible canvas is {VISIBLE}"
     )
+    hidden = [box for box in item_boxes(workflow) if any(overlaps(on_screen(box, ds), c) for c in COVERED)]
+    assert not hidden, f"{name}: under the minimap or the canvas info text ({COVERED}): {hidden}"
 
 
 @pytest.mark.parametrize("name", NAMES)
