@@ -28,8 +28,9 @@ CLIP_L_PREFIX = "text_encoders.clip_l.transformer."
 T5_PREFIX = "text_encoders.t5xxl.transformer."
 VAE_PREFIX = "vae."
 
-# The keys that make a transformer Flux.1: a double block's fused attention and the image input.
-_PROBES = ("double_blocks.0.img_attn.qkv.weight", "img_in.weight")
+# The keys that make a transformer Flux.1: the image input beside double (joint) blocks. Not block 0
+# itself: a file missing it is a truncated Flux file, reported as such.
+_PROBES = ("img_in.weight", "double_blocks.")
 # Time and guidance embeddings read a 256-wide sinusoidal embedding (fixed in both implementations).
 TIME_EMBED_WIDTH = 256
 # diffusers' FluxTransformer2DModel fixes the MLP width at 4x the model width (mlp_ratio 4.0).
@@ -51,7 +52,7 @@ def _has_prefix(shapes: Shapes, prefix: str) -> bool:
 def transformer_prefix(shapes: Shapes) -> str | None:
     """ "" for a transformer file, TRANSFORMER_PREFIX for an all-in-one file, None for no Flux."""
     for prefix in ("", TRANSFORMER_PREFIX):
-        if all(prefix + probe in shapes for probe in _PROBES):
+        if prefix + _PROBES[0] in shapes and _has_prefix(shapes, prefix + _PROBES[1]):
             return prefix
     return None
 
@@ -125,6 +126,7 @@ def _check_widths(shapes: Shapes, p: str, inner: int, single: bool) -> None:
 
 def _transformer_config(shapes: Shapes, p: str) -> dict:
     inner, in_channels = shapes[p + "img_in.weight"]
+    double = _count_blocks(shapes, p + "double_blocks.", "double block")
     head_dim = shapes[p + "double_blocks.0.img_attn.norm.query_norm.scale"][0]
     if head_dim <= 0 or inner % head_dim:
         raise FluxFormatError(
@@ -142,7 +144,7 @@ def _transformer_config(shapes: Shapes, p: str) -> dict:
     return {
         "patch_size": 1,
         "in_channels": in_channels,
-        "num_layers": _count_blocks(shapes, p + "double_blocks.", "double block"),
+        "num_layers": double,
         "num_single_layers": single,
         "attention_head_dim": head_dim,
         "num_attention_heads": inner // head_dim,
@@ -158,12 +160,13 @@ def transformer_config(shapes: Shapes, prefix: str | None = None) -> dict:
     p = transformer_prefix(shapes) if prefix is None else prefix
     if p is None:
         raise FluxFormatError(
-            "This file holds no Flux.1 transformer (no 'double_blocks.0.img_attn.qkv.weight' and "
-            "'img_in.weight')."
+            "This file holds no Flux.1 transformer (no 'img_in.weight' beside 'double_blocks.*')."
         )
     _refuse_other_variants(shapes, p)
     try:
         return _transformer_config(shapes, p)
+    except FluxFormatError:
+        raise  # already says what is wrong (it is a ValueError too)
     except KeyError as e:
         raise FluxFormatError(
             f"The Flux transformer is missing {e.args[0]!r}; the file is truncated or an unsupported variant."

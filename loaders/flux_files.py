@@ -317,7 +317,7 @@ def _expect(file: ModelFile, input_name: str, kind: str, ok: bool) -> None:
     if not ok:
         raise FluxModelError(
             f"The {input_name} input {file.path.name} is {fc.describe(file.shapes)}, not {kind}; "
-            f"choose the {kind} file there."
+            f"choose {kind} there."
         )
 
 
