@@ -75,7 +75,7 @@ from .families import FAMILY_NAMES
 from .json_text import JsonTextError, nesting_depth_of_text, parse_bounded_json
 from .numbers import bounded_number, shown
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 _LEVELS = {"sd1": 4, "sd2": 4, "sdxl": 3}
 _LAYERS_PER_BLOCK = 2  # every real SD1.x / SD2.x / SDXL UNet
 
@@ -168,11 +168,16 @@ class BlockScales:
     blocks: tuple[tuple[str, float], ...] = ()
     layers_per_block: int = _LAYERS_PER_BLOCK
     levels: int = 0
+    # Flux: the transformer's scale, and (module-path key, scale) pairs, the first key naming a module
+    # wins (see `_flux_key_names`); modules no key names get `transformer`.
+    transformer: float = 1.0
+    flux_keys: tuple[tuple[str, float], ...] = ()
 
     @property
     def is_identity(self) -> bool:
         """True when every layer gets 1.0."""
-        return self.text_encoder == self.text_encoder_2 == self.unet == 1.0 and not self.blocks
+        same = self.text_encoder == self.text_encoder_2 == self.unet == self.transformer == 1.0
+        return same and not self.blocks and not self.flux_keys
 
     @cached_property
     def _table(self) -> dict[str, float]:
@@ -184,6 +189,9 @@ class BlockScales:
             return self.text_encoder
         if part == "text_encoder_2":
             return self.text_encoder_2
+        if part == "transformer":
+            key = next((k for k, _ in self.flux_keys if _flux_key_names(k, module_path)), None)
+            return self.transformer if key is None else dict(self.flux_keys)[key]
         if part != "unet":
             raise BlockScalesError(f"Unknown model part {part!r}; expected one of {', '.join(PARTS)}.")
         if not self.blocks:
@@ -422,9 +430,10 @@ def parse_lora_block_weights(
     not a full-size model of `family` (only "layers_per_block" and "down_block_types" are read).
     Raises BlockScalesError (a ValueError) saying what is expected.
     """
-    if family not in _LEVELS:
-        raise BlockScalesError(f"Unknown model family {family!r}; expected 'sd1', 'sd2' or 'sdxl'.")
-    levels, lpb = _layout(family, unet_config)
+    if family not in (*_LEVELS, "flux"):
+        raise BlockScalesError(f"Unknown model family {family!r}; expected 'sd1', 'sd2', 'sdxl' or 'flux'.")
+    flux = family == "flux"
+    layout = _flux_layout(unet_config) if flux else _layout(family, unet_config)
     if spec is None:
         return BlockScales()
     if isinstance(spec, str):
@@ -437,11 +446,114 @@ def parse_lora_block_weights(
         if not text:
             return BlockScales()
         if not text.startswith("{"):
-            return _from_lbw(text, family, levels, lpb)
+            return _flux_from_lbw(text, *layout) if flux else _from_lbw(text, family, *layout)
         spec = _load_dict_text(text)
     if not isinstance(spec, Mapping):
         raise BlockScalesError(
             "Block scales must be a dict (diffusers set_adapters form) or a string, "
             f"got {type(spec).__name__}."
         )
-    return _from_dict(spec, family, levels, lpb)
+    return _flux_from_dict(spec, *layout) if flux else _from_dict(spec, family, *layout)
+
+
+# ---------------------------------------------------------------- Flux
+
+
+def _flux_key_names(key: str, module_path: str) -> bool:
+    """Whether a Flux scale key names a module: the key is whole dot-separated names of its path
+    ("transformer_blocks.3", "single_transformer_blocks", "attn.to_q"). diffusers matches keys as
+    substrings, so that "transformer_blocks" would also catch every single_transformer_blocks layer;
+    here it does not."""
+    return f".{key}." in f".{module_path}."
+
+
+def _flux_layout(config: Mapping | None) -> tuple[int, int]:
+    """(double blocks, single blocks) of the Flux transformer: its config, else Flux.1's 19 and 38."""
+    config = config or {}
+    double, single = config.get("num_layers", 19), config.get("num_single_layers", 38)
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in (double, single)):
+        raise BlockScalesError(f"Not a Flux transformer layout: {double!r} double, {single!r} single blocks.")
+    return double, single
+
+
+def _flux_blocks(value: Any, block: str, count: int) -> list[tuple[str, float]]:
+    """ "transformer_blocks": a scale per block, as a list of `count` or a dict {index: scale}."""
+    where = f"transformer.{block}"
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise BlockScalesError(f"Expected {count} scales (one per block) for {where}, got {len(value)}.")
+        return [(f"{block}.{i}", _number(v, f"{where}[{i}]")) for i, v in enumerate(value)]
+    out = []
+    for key, v in value.items():
+        index = int(key) if isinstance(key, int) or (isinstance(key, str) and key.isdigit()) else -1
+        if not 0 <= index < count or isinstance(key, bool):
+            raise BlockScalesError(
+                f"Unknown block {shown(key)} in {where}; this transformer has blocks 0 .. {count - 1}."
+            )
+        out.append((f"{block}.{index}", _number(v, f"{where}.{index}")))
+    return out
+
+
+_FLUX_KEY = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)*")
+
+
+def _flux_from_dict(spec: Mapping, double: int, single: int) -> BlockScales:
+    """diffusers' `set_adapters` form for Flux: {"transformer": number or {module key: scale},
+    "text_encoder": number}; a "transformer_blocks" / "single_transformer_blocks" key may also hold
+    one scale per block (a list, or a dict by block index)."""
+    unknown = [k for k in spec if k not in ("transformer", "text_encoder")]
+    if unknown:
+        why = " (Flux's T5 encoder takes no LoRA)" if unknown[0] == "text_encoder_2" else ""
+        raise BlockScalesError(
+            f"Unknown key {shown(unknown[0])} in Flux.1 block scales{why}; expected 'transformer', "
+            "'text_encoder' (CLIP-L)."
+        )
+    te = 1.0 if spec.get("text_encoder") is None else _number(spec["text_encoder"], "text_encoder")
+    value = spec.get("transformer")
+    if value is None or not isinstance(value, Mapping):
+        return BlockScales(te, 1.0, 1.0, transformer=1.0 if value is None else _number(value, "transformer"))
+    counts = {"transformer_blocks": double, "single_transformer_blocks": single}
+    per_block: list[tuple[str, float]] = []
+    keys: list[tuple[str, float]] = []
+    for key, v in value.items():
+        if not isinstance(key, str) or not _FLUX_KEY.fullmatch(key) or len(key) > 200:
+            raise BlockScalesError(f"Flux block scale key {shown(key)} is not a module name or path.")
+        if key in counts and isinstance(v, (list, tuple, Mapping)):
+            per_block += _flux_blocks(v, key, counts[key])
+        else:
+            keys.append((key, _number(v, f"transformer.{key}")))
+    return BlockScales(te, 1.0, 1.0, transformer=1.0, flux_keys=tuple(per_block + keys))
+
+
+# FLUX LoRA Block Weight lines (ComfyUI LBW packs): BASE (CLIP-L), then each double block, then each
+# single block: 1 + 19 + 38 = 58 values for Flux.1. The one preset known: FLUX-ALL (all 1).
+_FLUX_PRESETS = {"FLUX-ALL": 1.0, "ALL": 1.0, "FLUX-NONE": 0.0, "NONE": 0.0}
+
+
+def _flux_from_lbw(text: str, double: int, single: int) -> BlockScales:
+    count = 1 + double + single
+    if ":" in text:  # a preset line, NAME:w,w,...
+        text = text.split(":", 1)[1].strip()
+    elif "," not in text and not re.fullmatch(r"[-+0-9.eE]+", text):
+        if text.upper() not in _FLUX_PRESETS:
+            raise BlockScalesError(
+                f"Unknown Flux block weight preset {shown(text)}; presets: {', '.join(_FLUX_PRESETS)}; or "
+                f"give {count} values (BASE, {double} double blocks, {single} single blocks)."
+            )
+        text = ",".join([str(_FLUX_PRESETS[text.upper()])] * count)
+    items = [item.strip() for item in text.split(",")]
+    if len(items) != count:
+        raise BlockScalesError(
+            f"Flux.1 block weights need {count} values for this transformer (BASE, {double} double blocks, "
+            f"{single} single blocks), got {len(items)}."
+        )
+    values = []
+    for i, item in enumerate(items):
+        try:
+            value = float(item)
+        except ValueError:
+            raise BlockScalesError(f"Block weight #{i} must be a number, got {shown(item)}.") from None
+        values.append(_number(value, f"#{i}"))
+    blocks = [f"transformer_blocks.{i}" for i in range(double)]
+    blocks += [f"single_transformer_blocks.{i}" for i in range(single)]
+    return BlockScales(values[0], 1.0, 1.0, transformer=1.0, flux_keys=tuple(zip(blocks, values[1:])))

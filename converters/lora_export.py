@@ -166,7 +166,8 @@ def _export_layer(patch: LayerPatch, shape: tuple[int, ...], part: str, path: st
     if len(shape) < 2:
         raise LoraExportError(f"{name}: a {patch.algorithm} patch on a weight of shape {shape}")
     algo = algorithm(patch.algorithm)
-    factors = algo.export_factors(patch, shape)
+    # a module's rows of a fused layer (Flux BFL qkv): its own ΔW, not the fused layer's factors
+    factors = None if patch.rows else algo.export_factors(patch, shape)
     if factors is not None and algo.export_as_stored:
         up, down, alpha = factors
     else:

@@ -31,13 +31,13 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
 from .families import FAMILY_BY_CROSS_ATTENTION, FAMILY_NAMES, PARTS
 from .json_text import JsonTextError, parse_bounded_json
-from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, supported_names
+from .lora_algorithms import ALGORITHMS, UNSUPPORTED, Algorithm, split_rows, supported_names
 from .lora_algorithms import dora as dora_modifier
 from .lora_form import LayerPatch, LoraFile, LoraFormatError
 from .numbers import tensor_outlier
@@ -144,23 +144,45 @@ _MID_BLOCK = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)(?:\.(.+))?$")
 
 
 # ------------------------------------------------------------------------------ public API
+@dataclass(frozen=True)
+class FusedTarget:
+    """A file layer that is several modules of `part` side by side by rows (Flux's BFL `qkv`,
+    `linear1`), or one module's rows in another order: `modules` gives each module path with the
+    (start, stop) row ranges of the fused layer that make its weight; `shape` is the fused weight's.
+    `name` is the fused layer's name, for messages and alpha patterns."""
+
+    part: str
+    name: str
+    modules: tuple[tuple[str, tuple[tuple[int, int], ...]], ...]
+    shape: tuple[int, ...]
+
+
+Candidate = tuple[str, str] | FusedTarget  # (part, module path), or a fused layer
+# A naming convention's resolver: (file module name, its keys) -> (candidates, naming convention)
+Resolver = Callable[[str, "_Group"], tuple[list[Candidate], str]]
+
+
 def parse_lora(
-    state_dict: StateDict, targets: Targets, metadata: Mapping[str, str] | None = None
+    state_dict: StateDict,
+    targets: Targets,
+    metadata: Mapping[str, str] | None = None,
+    resolver: Resolver | None = None,
 ) -> LoraFile:
     """Group a LoRA-family state dict into one `LayerPatch` per target module.
 
     Keys that name no module of `targets` are listed in `unmatched`. A tensor whose shape cannot
     belong to its module's weight raises `LoraFormatError` naming the key (or, when the file's family
     and the pipeline's differ, one naming both families); so do non-finite or absurd values.
+    `resolver` replaces the SD naming tables (a family's own conventions, converters/flux_lora_keys.py).
     """
     metadata = dict(metadata or {})
-    tables = _Tables.build(targets)
+    resolve = resolver or _Tables.build(targets).resolve
     peft_configs = _peft_configs(metadata)
     groups, embeddings, unmatched = _grouped(state_dict)
     patches: dict[str, dict[str, LayerPatch]] = {}
     formats: set[str] = set()
     shape_errors: list[str] = []
-    resolved = [(stem, group, *tables.resolve(stem, group)) for stem, group in groups.items()]
+    resolved = [(stem, group, *resolve(stem, group)) for stem, group in groups.items()]
     # A module named twice (seen in merged files: SGM and diffusers names side by side) keeps the
     # diffusers-named layer, as diffusers does; the other layer's keys are listed as unmatched.
     resolved.sort(key=lambda item: item[3] == "kohya-sgm")
@@ -169,11 +191,11 @@ def parse_lora(
         if isinstance(found, str):
             shape_errors.append(found)
             continue
-        if found is None or found[1] in patches.get(found[0], {}):
+        if not found or any(path in patches.get(part, {}) for part, path, _ in found):
             unmatched.extend(group.keys)
             continue
-        part, path, patch = found
-        patches.setdefault(part, {})[path] = patch
+        for part, path, patch in found:
+            patches.setdefault(part, {})[path] = patch
         formats.add(naming)
 
     family = detect_family(state_dict)
@@ -192,6 +214,17 @@ def parse_lora(
         metadata=metadata,
         embeddings=embeddings,
     )
+
+
+def sd_resolver(targets: Targets) -> Resolver:
+    """The SD naming tables (Kohya, SGM, PEFT, old diffusers) for `targets`, as a resolver: other
+    families' resolvers use it for their CLIP text encoders."""
+    return _Tables.build(targets).resolve
+
+
+def dotted_naming(group: _Group) -> str:
+    """ "peft", "diffusers", "diffusers-old" or "dotted": what a dotted name's suffixes tell."""
+    return _dotted_naming(group.conventions)
 
 
 def _grouped(
@@ -223,11 +256,26 @@ def _grouped(
     return groups, embeddings, unmatched
 
 
+def _shape_of(candidate: Candidate, targets: Targets) -> tuple[int, ...]:
+    if isinstance(candidate, FusedTarget):
+        return candidate.shape
+    part, path = candidate
+    return tuple(targets[part][path])
+
+
+def _describe(candidate: Candidate) -> str:
+    if isinstance(candidate, FusedTarget):
+        names = ", ".join(path for path, _ in candidate.modules)
+        return f"{candidate.part} modules {names} (fused as {candidate.name!r})"
+    return f"{candidate[0]} module {candidate[1]!r}"
+
+
 def _layer(
-    stem: str, group: _Group, candidates: list[tuple[str, str]], targets: Targets, peft_configs: Mapping
-) -> tuple[str, str, LayerPatch] | str | None:
-    """One layer of the file: (part, module path, patch); a message when its shapes fit no candidate
-    module; None when it holds nothing to apply. Unsupported, mixed or broken layers raise."""
+    stem: str, group: _Group, candidates: list[Candidate], targets: Targets, peft_configs: Mapping
+) -> list[tuple[str, str, LayerPatch]] | str | None:
+    """One layer of the file: [(part, module path, patch)] (several for a fused layer); a message when
+    its shapes fit no candidate module; None when it holds nothing to apply. Unsupported, mixed or
+    broken layers raise."""
     if group.unsupported:
         raise LoraFormatError(
             f"{stem}: this file uses LyCORIS {', '.join(sorted(group.unsupported))}, which the pack "
@@ -240,28 +288,30 @@ def _layer(
     _check_values(group)
     if not algo.dora and ("dora_scale" in group.tensors or "magnitude" in group.tensors):
         raise LoraFormatError(f"{group.weight_key()}: DoRA on a {algo.title} layer has no definition.")
-    fitting = [(p, path) for p, path in candidates if _fits(algo, group.tensors, tuple(targets[p][path]))]
+    fitting = [c for c in candidates if _fits(algo, group.tensors, _shape_of(c, targets))]
     if not fitting:
-        part, path = candidates[0]
         return (
-            f"{group.weight_key()} has shape(s) {group.shapes()}, which cannot patch {part} module "
-            f"{path!r} of weight shape {tuple(targets[part][path])}"
+            f"{group.weight_key()} has shape(s) {group.shapes()}, which cannot patch "
+            f"{_describe(candidates[0])} of weight shape {_shape_of(candidates[0], targets)}"
         )
-    part, path = fitting[0]
-    shape = tuple(targets[part][path])
+    chosen = fitting[0]
+    shape = _shape_of(chosen, targets)
+    part, path = (chosen.part, chosen.name) if isinstance(chosen, FusedTarget) else chosen
     tensors = _normalized(algo, group, shape)
     scale = group.tensors.get("dora_scale")
-    return (
-        part,
-        path,
-        LayerPatch(
-            algorithm=algo.name,
-            tensors=tensors,
-            alpha=_alpha(group, part, stem, path, algo, tensors, peft_configs),
-            rank=algo.rank(tensors),
-            dora_axis=dora_modifier.axis(scale) if scale is not None else 1,
-        ),
+    patch = LayerPatch(
+        algorithm=algo.name,
+        tensors=tensors,
+        alpha=_alpha(group, part, stem, path, algo, tensors, peft_configs),
+        rank=algo.rank(tensors),
+        dora_axis=dora_modifier.axis(scale) if scale is not None else 1,
     )
+    if not isinstance(chosen, FusedTarget):
+        return [(part, path, patch)]
+    return [
+        (part, module, split_rows(patch, rows, shape[0], group.weight_key()))
+        for module, rows in chosen.modules
+    ]
 
 
 def check_family(lora_family: str | None, model_family: str | None) -> None:
@@ -273,13 +323,29 @@ def check_family(lora_family: str | None, model_family: str | None) -> None:
         )
 
 
-def detect_family(state_dict: StateDict) -> str | None:
-    """The family ("sd1", "sd2", "sdxl") from a LoRA's keys and shapes alone; None when they do not tell.
+# Key names only Flux LoRAs have: BFL's block names (Kohya, ComfyUI, XLabs, LyCORIS on sd-scripts),
+# diffusers' Flux transformer paths (PEFT, ai-toolkit, SimpleTuner, OneTrainer). SD keys hold
+# `attentions_N_transformer_blocks_M`, never a `transformer` part before `transformer_blocks`.
+_FLUX_KEY = re.compile(
+    r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d+[._]"
+    r"|(^|[._])transformer[._]transformer_blocks[._]\d+[._]|^lora_transformer_"
+)
 
-    In order: the UNet's cross-attention input width (to_k / to_v of attn2: 768 SD1, 1024 SD2,
-    2048 SDXL); a second text encoder (`lora_te1_`/`lora_te2_`, `text_encoder_2.`) or a 1024-wide
-    single text encoder; SDXL-only UNet parts (SGM block names, `add_embedding`/`label_emb`, more than
-    one transformer layer per block, attention in the first up block).
+
+def detect_family(state_dict: StateDict) -> str | None:
+    """The family ("sd1", "sd2", "sdxl", "flux") from a LoRA's keys and shapes alone; None when they do
+    not tell. Flux by its block names (`_FLUX_KEY`), else `_sd_family`."""
+    if any(_FLUX_KEY.search(key) for key in state_dict if not key.startswith("bundle_emb.")):
+        return "flux"
+    return _sd_family(state_dict)
+
+
+def _sd_family(state_dict: StateDict) -> str | None:
+    """SD1.x, SD2.x or SDXL, in order: the UNet's cross-attention input width (to_k / to_v of attn2:
+    768 SD1, 1024 SD2, 2048 SDXL); a second text encoder (`lora_te1_`/`lora_te2_`, `text_encoder_2.`)
+    or a 1024-wide single text encoder; SDXL-only UNet parts (SGM block names,
+    `add_embedding`/`label_emb`, more than one transformer layer per block, attention in the first up
+    block).
     """
     cross, text = set(), set()
     second_encoder = sgm = sdxl_only = False
@@ -315,7 +381,10 @@ def detect_family(state_dict: StateDict) -> str | None:
 
 
 def target_family(targets: Targets) -> str | None:
-    """The pipeline's family from its module shapes (cross-attention width), or None."""
+    """The pipeline's family from its module shapes (cross-attention width; Flux's single blocks), or
+    None."""
+    if any(p.startswith("single_transformer_blocks.") for p in targets.get("transformer", {})):
+        return "flux"
     unet = targets.get("unet", {})
     for path, shape in unet.items():
         if path.endswith("attn2.to_k") and len(shape) >= 2:
@@ -617,6 +686,8 @@ def _input_width(key: str, tensor: torch.Tensor) -> int | None:
 # writes a few kilobytes (a per-module pattern for every SDXL layer is about 300 kB), two or three
 # levels of nesting, and small integers.
 _MODULE_NAME = re.compile(r"[\w.\-]{1,1000}")
+# The parts diffusers' `lora_adapter_metadata` prefixes its configs with ("transformer.lora_alpha").
+_CONFIG_PARTS = ("unet", "transformer", "text_encoder_2", "text_encoder")
 
 
 def _alpha(
@@ -634,7 +705,7 @@ def _alpha(
         return value or None  # Kohya / LyCORIS: alpha 0 means alpha = rank
     if algo.name != "lora" or group.conventions - {"peft", "diffusers", "diffusers-old"}:
         return None
-    file_part = next((p for p in ("unet", "text_encoder_2", "text_encoder") if stem.startswith(p + ".")), "")
+    file_part = next((p for p in _CONFIG_PARTS if stem.startswith(p + ".")), "")
     config = peft_configs.get(file_part) or peft_configs.get("") or peft_configs.get(part)
     if not config:
         return None  # diffusers: no alphas and no metadata means alpha = rank
@@ -685,7 +756,7 @@ def _peft_configs(metadata: Mapping[str, str]) -> dict[str, dict]:
         )
     configs: dict[str, dict] = {}
     for key, value in data.items():
-        part = next((p for p in ("unet", "text_encoder_2", "text_encoder") if key.startswith(p + ".")), "")
+        part = next((p for p in _CONFIG_PARTS if key.startswith(p + ".")), "")
         configs.setdefault(part, {})[key[len(part) + 1 :] if part else key] = value
     return configs
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..converters.block_scales import parse_lora_block_weights
 from ..converters.embeddings import parse_embedding
 from ..converters.families import FAMILY_NAMES
+from ..converters.flux_lora_keys import parse_flux_lora
 from ..converters.lora_algorithms import label
 from ..converters.lora_form import LoraFile, LoraFormatError
 from ..converters.lora_keys import check_family, parse_lora
@@ -26,6 +27,8 @@ MAX_UNMATCHED_SHARE = 0.5
 CACHE_SIZE = 16
 
 _cache: StampCache[LoraFile] = StampCache(CACHE_SIZE)
+# A family's own key conventions (its fused layers, its prefixes); the others use the SD tables.
+_PARSERS = {"flux": parse_flux_lora}
 
 
 def read_lora(path: Path, base: BaseModel) -> LoraFile:
@@ -35,7 +38,8 @@ def read_lora(path: Path, base: BaseModel) -> LoraFile:
 
 def _read_lora(path: Path, base: BaseModel) -> LoraFile:
     file = open_model_file(path)
-    lora = parse_lora(file.read(file.shapes), base.layout.parts, file.metadata)
+    parse = _PARSERS.get(base.family, parse_lora)
+    lora = parse(file.read(file.shapes), base.layout.parts, file.metadata)
     check_family(lora.family, base.family)
     total = sum(lora.layer_count(p) for p in lora.patches) + len(lora.unmatched)
     if not lora.patches and not lora.embeddings:
@@ -64,6 +68,7 @@ def with_lora(
     base = handle.base
     lora = read_lora(path, base)
     scales = parse_lora_block_weights(block_weights or None, base.family, unet_config=base.layout.unet_config)
+    strengths = _denoiser_strength(strengths, base.layout.denoiser)
     strengths = {part: float(strengths.get(part, 0.0)) for part in PARTS}
     stamp = file_stamp(path)
     key = (stamp, tuple(sorted(strengths.items())), scales)
@@ -74,6 +79,13 @@ def with_lora(
             check_token_unique(handle.adapters, ti)
             handle = handle.with_adapter(ti)
     return handle, describe(lora, label)
+
+
+def _denoiser_strength(strengths: dict[str, float], denoiser: str) -> dict[str, float]:
+    """The node's model strength ("unet") goes to the pipeline's denoiser: Flux's "transformer"."""
+    if denoiser != "unet" and "unet" in strengths and denoiser not in strengths:
+        strengths = {**strengths, denoiser: strengths["unet"]}
+    return strengths
 
 
 def without_loras(handle: PipelineHandle) -> PipelineHandle:
@@ -129,6 +141,7 @@ def describe(lora: LoraFile, name: str) -> str:
     if lora.unmatched:
         shown = ", ".join(lora.unmatched[:10]) + (" ..." if len(lora.unmatched) > 10 else "")
         lines.append(f"{len(lora.unmatched)} keys matched nothing: {shown}")
+    lines.extend(lora.notes)
     summary = summarize(lora.metadata)
     return "\n".join(lines + ([summary] if summary else []))
 

@@ -9,6 +9,7 @@
     base.py      the interface an algorithm module implements, the one alpha / rank scale
     registry.py  the list of algorithms (one line each) and dispatch on a patch's algorithm
     merge.py     merging a layer's patches into its weight, block by block
+    rows.py      a module's share of a fused layer (Flux's BFL qkv, linear1): exact row splits
 
 Each algorithm module owns its Kohya/LyCORIS key suffixes, required tensors, shape fit, rank,
 normalisation, scale, merge step, export factors and info-text name; the definitions are LyCORIS's
@@ -31,6 +32,7 @@ from .registry import (
     supported_names,
     weight_delta,
 )
+from .rows import split as split_rows
 
 
 def plain_lora_factors(patch, shape, strength, device):
@@ -52,6 +54,7 @@ __all__ = [
     "plain_lora_factors",
     "plain_lora_merge",
     "scale",
+    "split_rows",
     "step",
     "supported_names",
     "weight_delta",

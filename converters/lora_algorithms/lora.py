@@ -111,6 +111,7 @@ class LoRA(Algorithm):
         t = patch.tensors
         if (
             patch.algorithm != self.name
+            or patch.rows is not None
             or "mid" in t
             or "dora_scale" in t
             or "up" not in t

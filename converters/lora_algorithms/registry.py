@@ -10,7 +10,7 @@ from typing import Mapping
 import torch
 
 from ..lora_form import LayerPatch, LoraFormatError
-from . import boft, dora, full, glora, loha, lokr, lora, norm, oft
+from . import boft, dora, full, glora, loha, lokr, lora, norm, oft, rows
 from .base import Algorithm, Shape, Step, fan_in
 
 ALGORITHMS: Mapping[str, Algorithm] = {
@@ -67,10 +67,26 @@ def step(patch: LayerPatch, shape: Shape, strength: float, device: torch.device 
     algo = algorithm(patch.algorithm)
     dora_scale = patch.tensors.get("dora_scale")
     if dora_scale is None:
-        return algo.step(patch, shape, strength, device)
+        return _own_step(algo, patch, shape, strength, device)
     if not algo.dora:
         raise dora.refuse(patch.algorithm)
-    return dora.DoraStep(algo.step(patch, shape, 1.0, device), dora_scale, shape, patch.dora_axis, strength)
+    inner = _own_step(algo, patch, shape, 1.0, device)
+    return dora.DoraStep(inner, dora_scale, shape, patch.dora_axis, strength)
+
+
+def _own_step(
+    algo: Algorithm, patch: LayerPatch, shape: Shape, strength: float, device: torch.device
+) -> Step:
+    """The algorithm's step; for a module's rows of a fused layer (patch.rows), those rows of the fused
+    layer's change (rows.py)."""
+    if patch.rows is None:
+        return algo.step(patch, shape, strength, device)
+    if algo.reads_weight or patch.source_rows is None:
+        raise LoraFormatError(
+            f"{algo.title}: a fused layer's rows need an additive algorithm and the fused row count."
+        )
+    source = (int(patch.source_rows), *shape[1:])
+    return rows.RowsStep(algo.step(patch, source, strength, device), patch.rows, fan_in(shape), device)
 
 
 def bias_delta(patch: LayerPatch, device: torch.device | str | None = None) -> torch.Tensor | None:
@@ -110,5 +126,6 @@ def weight_delta(patch: LayerPatch, shape: Shape, device: torch.device | str | N
         device = next(iter(patch.tensors.values())).device if patch.tensors else "cpu"
     shape = tuple(int(s) for s in shape)
     delta = torch.zeros(shape, dtype=torch.float32, device=device)
-    algo.step(patch, shape, 1.0, torch.device(device)).rows(delta.view(shape[0], fan_in(shape)), 0, shape[0])
+    s = _own_step(algo, patch, shape, 1.0, torch.device(device))
+    s.rows(delta.view(shape[0], fan_in(shape)), 0, shape[0])
     return delta
