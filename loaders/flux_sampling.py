@@ -104,9 +104,11 @@ def check_flux_model(pipe: FluxPipeline) -> None:
     Depth / Canny: + a control image)."""
     config = pipe.transformer.config
     produced = config.out_channels or config.in_channels
-    if config.in_channels != produced:
+    patches = 4 * pipe.vae.config.latent_channels  # what the packed noisy latent brings
+    if config.in_channels != patches or produced != patches:
         raise FluxSamplingError(
-            f"This Flux transformer takes {config.in_channels} input channels for {produced} output ones: "
+            f"This Flux transformer takes {config.in_channels} input channels for {produced} output ones "
+            f"({patches} would be the packed latent alone): "
             "an inpainting (Flux Fill) or control (Depth, Canny) model, which this sampler does not run. "
             "Load Flux.1 dev, schnell or a fine-tune of them."
         )
