@@ -399,6 +399,16 @@ def vae_config(shapes: Shapes, prefix: str = "") -> dict:
 
 
 # ---------------------------------------------------------------- what a file is
+# Keys of ComfyUI's "scaled fp8" and mixed-precision files (t5xxl_fp8_e4m3fn_scaled, *_scaled):
+# their fp8 weights only mean something multiplied by a scale the plain layout does not apply.
+_SCALED_MARKERS = ("scaled_fp8", ".scale_weight", ".scale_input", ".weight_scale", ".comfy_quant")
+
+
+def scaled_keys(shapes: Shapes) -> list[str]:
+    """Keys that mark a scaled-fp8 or otherwise quantized file (none for a plain fp8/bf16 file)."""
+    return [k for k in shapes if k == "scaled_fp8" or k.endswith(_SCALED_MARKERS)]
+
+
 def describe(shapes: Shapes) -> str:
     """What a file looks like, for messages: 'a Flux transformer', 'a T5 text encoder', ..."""
     if is_flux(shapes):

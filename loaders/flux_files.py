@@ -127,7 +127,8 @@ def _meta(make):
 
 def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
     """Assign converted tensors (cast to `dtype`) to the meta module; names must all be known."""
-    state = {k: v.to(dtype) for k, v in state.items()}
+    for key in list(state):  # in place: the file's copy of each tensor is dropped as it is cast
+        state[key] = state[key].to(dtype)
     _, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise FluxModelError(f"{what} has weights its model does not have (e.g. {unexpected[:3]}).")
@@ -139,6 +140,23 @@ def _finish(module: torch.nn.Module, what: str) -> torch.nn.Module:
     if missing:
         raise FluxModelError(f"{what} is missing {len(missing)} weights (e.g. {missing[:3]}).")
     return module.eval().requires_grad_(False)
+
+
+def _layer_groups(keys: Iterable[str]) -> list[list[str]]:
+    """Keys grouped by layer (up to their first number: `encoder.block.3`), the rest in one group:
+    a text encoder is read and cast one layer at a time, so an fp8 or fp16 file upcast to the compute
+    dtype never holds two copies of itself."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        parts = key.split(".")
+        cut = next((i for i, part in enumerate(parts) if part.isdigit()), len(parts))
+        groups.setdefault(".".join(parts[: cut + 1]) if cut < len(parts) else "", []).append(key)
+    return list(groups.values())
+
+
+def _assign_by_layer(module, file: ModelFile, prefix: str, convert, dtype, what: str, part: str, loaded):
+    for keys in _layer_groups(k for k in file.shapes if k.startswith(prefix)):
+        _assign(module, convert(loaded.read(file, keys, part)), dtype, what)
 
 
 def _format_error(file: ModelFile, part: str, e: Exception) -> FluxModelError:
@@ -192,9 +210,19 @@ def build_clip(file: ModelFile, prefix: str, dtype: torch.dtype, loaded: _Loaded
     except fc.FluxFormatError as e:
         raise FluxModelError(f"{what}: {e} It looks like {fc.describe(file.shapes)}.") from e
     model = _meta(lambda: CLIPTextModel(config))
-    tensors = loaded.read(file, (k for k in file.shapes if k.startswith(prefix)), "CLIP-L")
-    _assign(model, _clip_state(tensors, model, prefix), dtype, what)
+    convert = lambda tensors: _clip_state(tensors, model, prefix)  # noqa: E731
+    _assign_by_layer(model, file, prefix, convert, dtype, what, "CLIP-L", loaded)
     return _finish(model, what)
+
+
+def _t5_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """T5 keys without the prefix; the input embedding under `shared.weight` only (files keep it once,
+    under either name; build_t5 ties the encoder's copy to it)."""
+    state = {k[len(prefix) :]: v for k, v in tensors.items()}
+    if "encoder.embed_tokens.weight" in state:
+        embedding = state.pop("encoder.embed_tokens.weight")
+        state.setdefault("shared.weight", embedding)
+    return state
 
 
 def build_t5(file: ModelFile, prefix: str, dtype: torch.dtype, loaded: _Loaded) -> T5EncoderModel:
@@ -204,12 +232,9 @@ def build_t5(file: ModelFile, prefix: str, dtype: torch.dtype, loaded: _Loaded) 
     except fc.FluxFormatError as e:
         raise FluxModelError(f"{what}: {e} It looks like {fc.describe(file.shapes)}.") from e
     model = _meta(lambda: T5EncoderModel(config))
-    tensors = loaded.read(file, (k for k in file.shapes if k.startswith(prefix)), "T5")
-    state = {k[len(prefix) :]: v for k, v in tensors.items()}
-    embedding = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
-    # Files keep the input embedding once; the model holds it under both (tied) names.
-    state["shared.weight"] = state["encoder.embed_tokens.weight"] = embedding
-    _assign(model, state, dtype, what)
+    _assign_by_layer(model, file, prefix, lambda t: _t5_state(t, prefix), dtype, what, "T5", loaded)
+    if not model.shared.weight.is_meta:
+        model.encoder.embed_tokens.weight = model.shared.weight  # tied, as T5EncoderModel ties them
     return _finish(model, what)
 
 
@@ -301,6 +326,7 @@ def load_all_in_one(path: Path, dtype: torch.dtype, t5_tokenizer_dir: Path | Non
             f"({', '.join(parts[a] + '*' for a in absent)}): load it with Load Flux, naming the clip_l, "
             "t5xxl and ae files."
         )
+    _refuse_scaled(file, "checkpoint")
     tokenizer = load_t5_tokenizer(t5_tokenizer_dir)
     loaded = _Loaded()
     pipe = assemble(
@@ -313,7 +339,18 @@ def load_all_in_one(path: Path, dtype: torch.dtype, t5_tokenizer_dir: Path | Non
     return pipe, describe_pipeline(pipe, loaded.fp8_parts, dtype)
 
 
+def _refuse_scaled(file: ModelFile, input_name: str) -> None:
+    scaled = fc.scaled_keys(file.shapes)
+    if scaled:
+        raise FluxModelError(
+            f"The {input_name} input {file.path.name} is a scaled-fp8 or quantized file ({scaled[0]!r}), "
+            "which is not supported yet; use the plain fp8_e4m3fn, fp16 or bf16 file "
+            "(e.g. t5xxl_fp8_e4m3fn.safetensors rather than t5xxl_fp8_e4m3fn_scaled.safetensors)."
+        )
+
+
 def _expect(file: ModelFile, input_name: str, kind: str, ok: bool) -> None:
+    _refuse_scaled(file, input_name)
     if not ok:
         raise FluxModelError(
             f"The {input_name} input {file.path.name} is {fc.describe(file.shapes)}, not {kind}; "

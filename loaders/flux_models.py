@@ -53,8 +53,9 @@ def load_flux_model(
     paths = {"transformer": transformer, "clip_l": clip_l, "t5": t5, "vae": vae}
     stamp = _stamps(paths, tokenizer)
     key = (*(str(p) for p in paths.values()), str(tokenizer), torch_dtype, str(dev))
-    # A changed file: forget the entries of the same files (every dtype and device) before loading.
-    _cache.discard(lambda k, old: k[:5] == key[:5] and old != stamp)
+    # Before a load, forget every other entry (other files, a changed file, another dtype or device):
+    # two full-size Flux pipelines do not fit beside each other. Handles still in use keep theirs.
+    _cache.discard(lambda k, old: k != key or old != stamp)
 
     def build() -> BaseModel:
         pipe, info = load_split(transformer, clip_l, t5, vae, torch_dtype, tokenizer)

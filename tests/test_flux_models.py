@@ -367,3 +367,89 @@ def test_load_dreambooth_loads_an_all_in_one_flux_checkpoint(models_root, source
     out = LoadDreamBooth().load("flux1-schnell-fp8.safetensors", dtype="auto", device="cpu")
     info = out["result"][1]
     assert info.startswith("Flux.1 (flow)") and "fp8 weights (transformer)" in info
+
+
+def test_t5_embedding_stays_tied_and_layers_are_cast(sources, tmp_path):
+    """The tied T5 input embedding is one tensor after a cast (not two copies), in the compute dtype."""
+    paths = export_split(sources["dev"], tmp_path, text_dtype="fp16")
+    base = flux_models.load_flux_model(
+        paths["transformer"], paths["clip_l"], paths["t5"], paths["vae"], "bf16", "cpu"
+    )
+    t5 = base.pipe.text_encoder_2
+    assert t5.encoder.embed_tokens.weight is t5.shared.weight
+    assert {p.dtype for p in t5.parameters()} == {torch.bfloat16}
+
+
+def test_scaled_fp8_text_encoder_is_refused_by_name(split_files, tmp_path):
+    scaled = tmp_path / "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    save_file(
+        {**load_file(str(split_files["t5"])), "scaled_fp8": torch.zeros(0, dtype=torch.float8_e4m3fn)},
+        str(scaled),
+    )
+    with pytest.raises(
+        flux_files.FluxModelError, match="t5 input .*scaled-fp8.*t5xxl_fp8_e4m3fn.safetensors"
+    ):
+        _load(split_files, t5=scaled)
+
+
+def test_full_size_text_encoder_and_vae_configs_from_weights():
+    """T5-XXL, CLIP-L and Flux's VAE at full size, on the meta device: the configs read back from the
+    weights build modules whose every weight has the file's shape."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from comfyui_diffusers_adapters.devtools.flux_export import t5_to_file
+    from comfyui_diffusers_adapters.devtools.ldm_export import clip_to_ldm, vae_to_ldm
+
+    t5_xxl = {
+        "vocab_size": 32128,
+        "d_model": 4096,
+        "d_kv": 64,
+        "d_ff": 10240,
+        "num_layers": 24,
+        "num_heads": 64,
+        "relative_attention_num_buckets": 32,
+        "feed_forward_proj": "gated-gelu",
+        "is_encoder_decoder": False,
+    }
+    vae = {
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "latent_channels": 16,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "use_quant_conv": False,
+        "use_post_quant_conv": False,
+    }
+    with init_empty_weights():
+        t5 = T5EncoderModel(T5Config(**t5_xxl))
+        clip = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                vocab_size=49408,
+            )
+        )
+        ae = AutoencoderKL(**vae)
+    for module, file_keys, read, build in [
+        (t5, t5_to_file(t5.state_dict()), fc.t5_config, lambda c: T5EncoderModel(T5Config(**c))),
+        (
+            clip,
+            clip_to_ldm(clip.state_dict()),
+            fc.clip_l_config,
+            lambda c: CLIPTextModel(CLIPTextConfig(**c)),
+        ),
+        (ae, vae_to_ldm(ae.state_dict()), fc.vae_config, lambda c: AutoencoderKL(**c)),
+    ]:
+        config = read({k: tuple(v.shape) for k, v in file_keys.items()})
+        with init_empty_weights():
+            rebuilt = build(config)
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+            k: v.shape for k, v in module.state_dict().items()
+        }
+    assert (
+        fc.t5_config({k: tuple(v.shape) for k, v in t5_to_file(t5.state_dict()).items()})["num_heads"] == 64
+    )
