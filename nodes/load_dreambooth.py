@@ -28,8 +28,9 @@ def resolve_checkpoint(name: str) -> Path:
 @checks_numbers
 class LoadDreamBooth:
     DESCRIPTION = (
-        "Loads a Stable Diffusion 1.x, 2.x or SDXL checkpoint (a base model or a DreamBooth fine-tune) as a "
-        "diffusers pipeline, fully offline. Single files come from models/checkpoints, diffusers folders "
+        "Loads a Stable Diffusion 1.x, 2.x or SDXL checkpoint (a base model or a DreamBooth fine-tune), or "
+        "an all-in-one Flux.1 checkpoint, as a diffusers pipeline, fully offline. Single files come from "
+        "models/checkpoints, diffusers folders "
         "(with model_index.json) from models/diffusers. The family is detected from the weights. The info "
         "output shows the training metadata the file carries, trigger words first."
     )
@@ -53,7 +54,10 @@ class LoadDreamBooth:
                 ),
                 "dtype": (
                     ["auto", "fp16", "bf16", "fp32"],
-                    {"default": "auto", "tooltip": "Weight precision. auto: fp16 on a GPU, fp32 on the CPU."},
+                    {
+                        "default": "auto",
+                        "tooltip": "Weight precision. auto: fp16 on a GPU (bf16 for Flux), fp32 on the CPU.",
+                    },
                 ),
                 "device": (
                     ["auto", "cuda", "cpu", "mps"],
