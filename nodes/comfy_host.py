@@ -351,12 +351,13 @@ def preview_method() -> str:
 
 def _taesd_preview(family: str) -> Callable[[Any], Any] | None:
     """ComfyUI's own TAESD previewer when its decoder for `family` is in models/vae_approx
-    (taesd_decoder.* for SD1.x/SD2.x, taesdxl_decoder.* for SDXL), else None. Built at the first
-    step, on the latents' device, as ComfyUI's KSampler builds it on the model's."""
+    (taesd_decoder.* for SD1.x/SD2.x, taesdxl_decoder.* for SDXL, taef1_decoder.* for Flux), else
+    None. Built at the first step, on the latents' device, as ComfyUI's KSampler builds it on the model's."""
     import comfy.latent_formats
     import latent_preview  # ComfyUI's module
 
-    latent_format = comfy.latent_formats.SDXL() if family == "sdxl" else comfy.latent_formats.SD15()
+    formats = {"sdxl": comfy.latent_formats.SDXL, "flux": comfy.latent_formats.Flux}
+    latent_format = formats.get(family, comfy.latent_formats.SD15)()
     if not any(n.startswith(latent_format.taesd_decoder_name) for n in _fp.get_filename_list("vae_approx")):
         return None
     previewer = None

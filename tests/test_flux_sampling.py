@@ -364,3 +364,33 @@ def test_sampler_node_on_a_flux_handle(dev):
     )
     assert torch.equal(images, sample(dev, settings(steps=2)).images)
     assert latent["samples"].shape == (1, 16, 8, 8)
+
+
+def test_taesd_previews_of_flux_use_comfyuis_flux_format(monkeypatch):
+    """Inside ComfyUI a Flux run previews with taef1 (ComfyUI's Flux latent format), not SD's taesd."""
+    import sys
+    import types
+
+    from comfyui_diffusers_adapters.nodes import comfy_host
+
+    def latent_format(name):
+        return type(name, (), {"taesd_decoder_name": name.lower() + "_decoder"})
+
+    formats = types.SimpleNamespace(**{n: latent_format(n) for n in ("SD15", "SDXL", "Flux")})
+    formats.Flux.taesd_decoder_name = "taef1_decoder"
+    asked = []
+    previewer = types.SimpleNamespace(decode_latent_to_preview_image=lambda kind, x: ("JPEG", x.shape))
+    monkeypatch.setitem(sys.modules, "comfy", types.SimpleNamespace(latent_formats=formats))
+    monkeypatch.setitem(sys.modules, "comfy.latent_formats", formats)
+    monkeypatch.setitem(
+        sys.modules,
+        "latent_preview",
+        types.SimpleNamespace(get_previewer=lambda device, fmt: asked.append(fmt) or previewer),
+    )
+    monkeypatch.setattr(
+        comfy_host, "_fp", types.SimpleNamespace(get_filename_list=lambda _: ["taef1_decoder.safetensors"])
+    )
+    preview = comfy_host._taesd_preview("flux")
+    assert preview is not None and preview(torch.zeros(1, 16, 8, 8)) == ("JPEG", (1, 16, 8, 8))
+    assert isinstance(asked[0], formats.Flux)
+    assert comfy_host._taesd_preview("sd1") is None  # no taesd_decoder file: latent2rgb instead
