@@ -522,7 +522,7 @@ def _flux_from_dict(spec: Mapping, double: int, single: int) -> BlockScales:
             per_block += _flux_blocks(v, key, counts[key])
         else:
             keys.append((key, _number(v, f"transformer.{key}")))
-    return BlockScales(te, 1.0, 1.0, transformer=1.0, flux_keys=tuple(per_block + keys))
+    return _flux_scales(te, per_block + keys)
 
 
 # FLUX LoRA Block Weight lines (ComfyUI LBW packs): BASE (CLIP-L), then each double block, then each
@@ -556,4 +556,11 @@ def _flux_from_lbw(text: str, double: int, single: int) -> BlockScales:
         values.append(_number(value, f"#{i}"))
     blocks = [f"transformer_blocks.{i}" for i in range(double)]
     blocks += [f"single_transformer_blocks.{i}" for i in range(single)]
-    return BlockScales(values[0], 1.0, 1.0, transformer=1.0, flux_keys=tuple(zip(blocks, values[1:])))
+    return _flux_scales(values[0], list(zip(blocks, values[1:])))
+
+
+def _flux_scales(te: float, keys: list[tuple[str, float]]) -> BlockScales:
+    """The canonical Flux BlockScales: keys that all give the default 1.0 change nothing (dropped)."""
+    if all(v == 1.0 for _, v in keys):
+        keys = []
+    return BlockScales(te, 1.0, 1.0, transformer=1.0, flux_keys=tuple(keys))

@@ -261,11 +261,22 @@ def parse_flux_lora(
     )
 
 
+# UNet block names (diffusers' and SGM's): an SD LoRA whose family its shapes do not tell (tiny models)
+_UNET_KEY = re.compile(
+    r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|middle_block|output_blocks)[._]"
+)
+
+
 def _notes(unmatched: tuple[str, ...]) -> tuple[str, ...]:
+    notes = []
     t5 = [k for k in unmatched if k.startswith(T5_PREFIXES)]
-    if not t5:
-        return ()
-    return (
-        f"{len(t5)} keys are for the T5 text encoder (text_encoder_2), which the pack does not patch "
-        "(diffusers drops them too): the LoRA applies to the transformer and CLIP-L only.",
-    )
+    if t5:
+        notes.append(
+            f"{len(t5)} keys are for the T5 text encoder (text_encoder_2), which the pack does not patch "
+            "(diffusers drops them too): the LoRA applies to the transformer and CLIP-L only."
+        )
+    if any(_UNET_KEY.search(k) for k in unmatched):
+        notes.append(
+            "Its keys name UNet blocks: it is a LoRA for Stable Diffusion (SD1.x/SD2.x/SDXL), not Flux.1."
+        )
+    return tuple(notes)

@@ -51,6 +51,7 @@ def _read_lora(path: Path, base: BaseModel) -> LoraFile:
         raise LoraFormatError(
             f"{path.name}: {len(lora.unmatched)} of its layers match nothing in this {base.family_name} "
             f"pipeline (e.g. {', '.join(lora.unmatched[:3])}); it is probably for another model."
+            + "".join(" " + note for note in lora.notes)
         )
     return lora
 
