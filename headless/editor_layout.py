@@ -131,6 +131,19 @@ def node_box(node: Mapping) -> tuple[float, float, float, float]:
     return x, y - TITLE_HEIGHT, x + w, y + h
 
 
+# The node source badge the editor draws above the title bar of a custom node (not of core nodes):
+# the pack's folder name at 12 px, right-aligned, 20 px tall with a 2 px gap (LGraphNode.drawBadges,
+# frontend 1.35; "comfyui-diffusers-adapters" measured 142 px wide).
+BADGE_WIDTH = 150
+BADGE_HEIGHT = 22
+
+
+def badge_box(node: Mapping) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) on the canvas of the source badge above a custom node's title."""
+    left, top, right, _bottom = node_box(node)
+    return max(left, right - BADGE_WIDTH), top - BADGE_HEIGHT, right, top
+
+
 def graph_box(workflow: Mapping) -> tuple[float, float, float, float]:
     """The canvas rectangle that holds every node and group."""
     boxes = item_boxes(workflow)

@@ -17,7 +17,8 @@ ComfyUI's log and images: OUT/comfyui.log, OUT/output/.
 Checks per workflow:
   visible     every node (with its title bar) and group lies inside the window, not under the
               sidebar, the top bar, the Run toolbar or the minimap, at the view the editor opens with
-  overlap     no two nodes overlap, no two groups overlap
+  overlap     no two nodes overlap, no two groups overlap, no node's source badge (the pack's
+              name the editor draws above a custom node's title) covers another node
   text        every text box (Notes, prompts) shows its whole text without scrolling
   unmodified  the editor did not change the workflow on opening (its change tracker, and the
               widget values it would save equal the file's)
@@ -85,9 +86,19 @@ JS_LAYOUT = """() => {
     const [sx, sy] = c.ds.convertOffsetToCanvas([x, y]);
     return [r.x + sx, r.y + sy, w * c.ds.scale, h * c.ds.scale];
   };
+  // The source badges drawn above a custom node's title bar (LGraphNode.drawBadges: right-aligned,
+  // 2 px apart and above the title).
+  const badge = (n) => {
+    const list = (n.badges ?? []).map(b => typeof b === 'function' ? b() : b).filter(b => b?.visible);
+    if (!list.length) return null;
+    const width = list.reduce((sum, b) => sum + b.getWidth(c.ctx) + 2, 0);
+    const height = Math.max(...list.map(b => b.height));
+    const [x, y, w] = Array.from(n.getBounding());
+    return [x + w - width, y - 2 - height, width, height];
+  };
   return {
     nodes: window.app.graph.nodes.map(n => ({
-      id: n.id, type: n.type, title: n.title, box: Array.from(n.getBounding()),
+      id: n.id, type: n.type, title: n.title, box: Array.from(n.getBounding()), badge: badge(n),
       screen: toScreen(Array.from(n.getBounding())) })),
     groups: window.app.graph.groups.map(g => ({
       title: g.title, box: Array.from(g._bounding), screen: toScreen(Array.from(g._bounding)) })),
@@ -192,7 +203,8 @@ def free_port() -> int:
 
 def start_comfyui(args: argparse.Namespace, workdir: Path, port: int) -> subprocess.Popen:
     user = workdir / "user"
-    (user / "default").mkdir(parents=True)
+    for folder in ("workflows", "subgraphs"):  # the frontend lists them on start (404 when absent)
+        (user / "default" / folder).mkdir(parents=True)
     (user / "default" / "comfy.settings.json").write_text(json.dumps(SETTINGS), encoding="utf-8")
     command = [
         str(args.python),
@@ -358,6 +370,10 @@ def check_layout(page: Any, report: Report, name: str) -> None:
             for b in items[i + 1 :]:
                 if intersect(a["box"], b["box"]):
                     overlaps.append(f"{a.get('id', a['title'])} and {b.get('id', b['title'])}")
+    for a in layout["nodes"]:
+        for b in layout["nodes"]:
+            if a is not b and a["badge"] and intersect(a["badge"], b["box"]):
+                overlaps.append(f"node {a['id']}'s source badge covers node {b['id']}")
     report.check(name, "overlap", not overlaps, "; ".join(overlaps))
     cut = page.evaluate(JS_CUT_TEXT)
     report.check(name, "text", not cut, "; ".join(cut))

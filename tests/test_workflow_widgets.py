@@ -21,6 +21,7 @@ from comfyui_diffusers_adapters.headless.editor_layout import (
     CONTROL_VALUES,
     COVERED,
     VISIBLE,
+    badge_box,
     graph_box,
     item_boxes,
     min_height,
@@ -171,6 +172,10 @@ def test_nodes_do_not_overlap_and_are_tall_enough(name):
         for other in nodes[index + 1 :]:
             if overlap(node_box(node), node_box(other)):
                 problems.append(f"nodes {node['id']} and {other['id']} overlap")
+        if node["type"] in NODE_CLASS_MAPPINGS:  # the editor draws the pack's name above its nodes
+            for other in nodes:
+                if other is not node and overlap(badge_box(node), node_box(other)):
+                    problems.append(f"node {node['id']}'s source badge covers node {other['id']}")
     assert not problems, f"{name}:\n" + "\n".join(problems)
 
 
