@@ -4,6 +4,9 @@
   VAE's scaling factor (ComfyUI's models scale inside); optional `batch_index` (which rows of the
   seed's noise each item uses, as `Latent From Batch` leaves it) and `noise_mask` (1 = repaint).
   diffusers' UNet works on latents x `vae.config.scaling_factor`, so the sampler converts at the socket.
+  Flux (16 channels): ComfyUI's latent_formats.Flux, the transformer's space is
+  (samples - shift_factor) x scaling_factor (0.1159, 0.3611 for Flux.1's VAE), as diffusers' FluxPipeline
+  encodes and decodes; an all-zero (empty) latent is not shifted, as ComfyUI does not shift it.
 - Noise: `torch.manual_seed(seed)` then one `torch.randn` of the latent's shape in float32 on the CPU
   (comfy/sample.py `prepare_noise`); with `batch_index`, one row per index up to the largest, in order.
   diffusers' own draw with `torch.Generator("cpu").manual_seed(seed)` gives the same values, in any

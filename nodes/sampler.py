@@ -24,7 +24,8 @@ class Sampler:
         "on any device. With a latent_image it works like the core KSampler: denoise below 1 keeps part "
         "of the input (img2img, hires fix), a noise mask repaints only the masked region. Flux models: "
         "sampler euler with scheduler simple or normal; guidance is dev's distilled guidance (schnell "
-        "ignores it); cfg 1 uses no negative prompt, above 1 it is true CFG (two passes a step)."
+        "ignores it); cfg 1 uses no negative prompt, above 1 it is true CFG (two passes a step); "
+        "(text:1.2) weights are read but not applied."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "LATENT")
