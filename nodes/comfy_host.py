@@ -349,6 +349,12 @@ def preview_method() -> str:
     return str(getattr(method, "value", method) or "none").lower()
 
 
+def preview_size() -> int:
+    """The largest side of a preview ComfyUI sends (its --preview-size, default 512), as its own
+    samplers' previews (latent_preview.MAX_PREVIEW_RESOLUTION)."""
+    return int(getattr(_comfy_args, "preview_size", None) or 512)
+
+
 def _taesd_preview(family: str) -> Callable[[Any], Any] | None:
     """ComfyUI's own TAESD previewer when its decoder for `family` is in models/vae_approx
     (taesd_decoder.* for SD1.x/SD2.x, taesdxl_decoder.* for SDXL, taef1_decoder.* for Flux), else

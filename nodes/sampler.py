@@ -195,7 +195,8 @@ class Sampler:
         family = handle.base.family
 
         def preview(latents):
-            return ("JPEG", Image.fromarray(latent_preview(latents, family).numpy()), 512)
+            image = Image.fromarray(latent_preview(latents, family).numpy())
+            return ("JPEG", image, comfy_host.preview_size())
 
         hook = comfy_host.step_hook(steps, preview, family)
         images, latent_out = run(handle, settings, hook, offload_after, latent, self.DECODES)

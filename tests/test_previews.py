@@ -188,3 +188,14 @@ def test_sampler_with_latent2rgb_previews_each_step_from_that_steps_latents(comf
         expected = ((rgb + 1) / 2).clamp(0, 1).mul(255).to(torch.uint8)
         got = torch.from_numpy(numpy.array(image))
         assert (got.int() - expected.int()).abs().max() <= 1  # float rounding before the uint8 cast
+
+
+def test_preview_size_follows_comfyuis_preview_size_setting(comfyui, sd1_handle):
+    """ComfyUI's previews are at most --preview-size pixels (latent_preview.MAX_PREVIEW_RESOLUTION)."""
+    bars = comfyui("latent2rgb")
+    comfy_host._comfy_args.preview_size = 256
+    run_sampler(sd1_handle, steps=1)
+    assert bars[0].updates[0][2][2] == 256
+    assert comfy_host.preview_size() == 256
+    comfy_host._comfy_args.preview_size = None  # never set: ComfyUI's default
+    assert comfy_host.preview_size() == 512
