@@ -39,7 +39,7 @@ import torch
 from .families import FAMILY_BY_CROSS_ATTENTION
 from .numbers import tensor_outlier
 
-VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm")
+VARIANTS = ("base", "full_face", "plus", "faceid", "faceid_plus", "faceid_unnorm", "flux")
 VARIANT_NAMES = {
     "base": "IP-Adapter (base / light / SDXL)",
     "full_face": "IP-Adapter full-face",
@@ -47,6 +47,7 @@ VARIANT_NAMES = {
     "faceid": "IP-Adapter FaceID",
     "faceid_plus": "IP-Adapter FaceID Plus / PlusV2",
     "faceid_unnorm": "IP-Adapter FaceID Portrait unnorm (raw face embeddings)",
+    "flux": "XLabs Flux IP-Adapter",  # read by converters/flux_ip_adapter_files.py
 }
 # The width of insightface's ArcFace embedding: a Plus resampler taking this is FaceID Portrait unnorm.
 INSIGHTFACE_WIDTH = 512
@@ -78,6 +79,9 @@ class IPAdapterFile:
         return f"IPAdapterFile({self.variant}, {self.family}, tokens={self.num_tokens}, lora={self.has_lora})"
 
     id_embed_dim: int | None = None  # insightface embedding width (FaceID variants), else None
+    # Flux: the width of the keys and values the adapter adds to each double block (the transformer's
+    # inner width, heads x head width); None for UNet adapters.
+    hidden_size: int | None = None
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -219,7 +223,7 @@ def _check_tensors(variant: str, image_proj: Mapping[str, Any], ip_adapter: Mapp
 MAX_MAGNITUDE = 1e6
 
 
-def _check_values(image_proj: Mapping[str, Any], ip_adapter: Mapping[str, Any]) -> None:
+def check_values(image_proj: Mapping[str, Any], ip_adapter: Mapping[str, Any]) -> None:
     """Every floating-point tensor finite and within MAX_MAGNITUDE: one min/max pass per tensor, once
     per file read (NaN propagates through min and max; no tensor-sized temporary)."""
     for part, tensors in (("image_proj", image_proj), ("ip_adapter", ip_adapter)):
@@ -256,7 +260,7 @@ def parse_ip_adapter(state_dict: Mapping[str, Any]) -> IPAdapterFile:
         )
 
     _check_tensors(variant, image_proj, ip_adapter)
-    _check_values(image_proj, ip_adapter)
+    check_values(image_proj, ip_adapter)
     cross_dim = _attention_width(ip_adapter)
     s = {k: _shape(v) for k, v in image_proj.items()}
     image_embed_dim, id_embed_dim, proj_out, num_tokens = _PROJECTION_DIMS[variant](s)

@@ -13,12 +13,18 @@ from typing import Callable
 import torch
 
 from ..converters.families import FAMILY_NAMES
+from ..converters.flux_ip_adapter_files import (
+    check_flux_transformer,
+    is_flux_ip_adapter,
+    parse_flux_ip_adapter,
+)
 from ..converters.ip_adapter_embeds import COMBINE_EMBEDS, combine_embeds
 from ..converters.ip_adapter_files import IPAdapterFile, IPAdapterFormatError, check_unet, parse_ip_adapter
 from ..converters.ip_adapter_scales import parse_ip_adapter_block_scales, scaled
 from .base_models import BaseModel
 from .face_analysis import FaceEmbeddings
 from .file_stamps import file_stamp
+from .flux_ip_adapters import FluxIPAdapterSpec
 from .image_encoders import load_image_encoder
 from .ip_adapters import IPAdapterSpec, encode_images, faceid_lora_spec, image_digest
 from .model_files import open_model_file
@@ -63,15 +69,9 @@ class _Embeds:
 def with_ip_adapter(handle: PipelineHandle, inputs: IPAdapterInputs) -> tuple[PipelineHandle, str]:
     """The handle with the IP-Adapter (and a FaceID file's LoRA at `lora_strength`), and the info."""
     base = handle.base
-    source = open_model_file(inputs.adapter_path)
-    try:
-        adapter = parse_ip_adapter(source.read(source.shapes))
-    except IPAdapterFormatError as e:  # the converter names the tensor; the file is named here
-        raise IPAdapterFormatError(f"{inputs.adapter_name}: {e}") from None
+    adapter = read_ip_adapter(inputs.adapter_path, inputs.adapter_name)
     _check_fits(adapter, base, inputs.adapter_name)
-    blocks = parse_ip_adapter_block_scales(
-        inputs.block_scales, base.layout.attention.blocks, base.family_name
-    )
+    blocks = _block_scales(adapter, base, inputs.block_scales)
     if not 0.0 <= inputs.start_at < inputs.end_at <= 1.0:
         raise ValueError(
             f"start_at ({inputs.start_at}) must be below end_at ({inputs.end_at}), both between 0 and 1."
@@ -91,7 +91,8 @@ def with_ip_adapter(handle: PipelineHandle, inputs: IPAdapterInputs) -> tuple[Pi
         inputs.v2_weight if embeds.shortcut else None,
         inputs.combine_embeds,
     )
-    spec = IPAdapterSpec(
+    spec_type = FluxIPAdapterSpec if adapter.variant == "flux" else IPAdapterSpec
+    spec = spec_type(
         key,
         adapter,
         embeds.positive,
@@ -114,14 +115,53 @@ def with_ip_adapter(handle: PipelineHandle, inputs: IPAdapterInputs) -> tuple[Pi
     return handle.with_adapter(spec), info
 
 
+def read_ip_adapter(path: Path, name: str) -> IPAdapterFile:
+    """The IP-Adapter file at `path` (a UNet IP-Adapter or the XLabs Flux one), checked; errors name it."""
+    source = open_model_file(path)
+    try:
+        state = source.read(source.shapes)
+        return parse_flux_ip_adapter(state) if is_flux_ip_adapter(state) else parse_ip_adapter(state)
+    except IPAdapterFormatError as e:  # the converter names the tensor; the file is named here
+        raise IPAdapterFormatError(f"{name}: {e}") from None
+
+
 def _check_fits(adapter: IPAdapterFile, base: BaseModel, name: str) -> None:
-    if adapter.family and adapter.family != base.family:
-        raise IPAdapterFormatError(
-            f"{name} is an IP-Adapter for {FAMILY_NAMES[adapter.family]}, but the pipeline is "
-            f"{base.family_name}."
+    flux_file, flux_model = adapter.variant == "flux", base.layout.denoiser == "transformer"
+    if flux_file != flux_model or (adapter.family and adapter.family != base.family):
+        made = FAMILY_NAMES.get(adapter.family, "a UNet model (SD1.x / SDXL)")
+        hint = (
+            " Use an SD IP-Adapter and its image encoder with SD models."
+            if flux_file
+            else " Flux takes the XLabs Flux IP-Adapter (with CLIP ViT-L/14 in models/clip_vision)."
+            if flux_model
+            else ""
         )
-    attention = base.layout.attention
-    check_unet(adapter, attention.cross_attention_dim, attention.cross_attention_count)
+        raise IPAdapterFormatError(
+            f"{name} is an IP-Adapter for {made} ({adapter.variant_name}), but the pipeline is "
+            f"{base.family_name}.{hint}"
+        )
+    try:
+        if flux_file:
+            config = base.layout.unet_config
+            inner = config["num_attention_heads"] * config["attention_head_dim"]
+            check_flux_transformer(adapter, config["num_layers"], config["joint_attention_dim"], inner)
+        else:
+            attention = base.layout.attention
+            check_unet(adapter, attention.cross_attention_dim, attention.cross_attention_count)
+    except IPAdapterFormatError as e:
+        raise IPAdapterFormatError(f"{name}: {e}") from None
+
+
+def _block_scales(adapter: IPAdapterFile, base: BaseModel, text: str) -> dict | None:
+    """The block_scales dict of a UNet adapter; the Flux IP-Adapter takes one scale (refused otherwise)."""
+    if adapter.variant == "flux":
+        if text and text.strip():
+            raise IPAdapterFormatError(
+                "block_scales addresses the blocks of an SD/SDXL UNet; the Flux IP-Adapter takes one scale "
+                "for all its double blocks: leave block_scales empty."
+            )
+        return None
+    return parse_ip_adapter_block_scales(text, base.layout.attention.blocks, base.family_name)
 
 
 def _face_embeds(adapter: IPAdapterFile, inputs: IPAdapterInputs) -> _Embeds:
@@ -167,7 +207,8 @@ def _encode(adapter: IPAdapterFile, inputs: IPAdapterInputs, base: BaseModel, em
             f"{inputs.adapter_name} ({adapter.variant_name}) needs an image encoder whose "
             f"{'hidden states' if hidden else 'image embeddings'} are {adapter.image_embed_dim} wide, but "
             f"{inputs.encoder_name} gives {width}: pick the encoder it was trained with (ViT-H/14 for SD1.5 "
-            "and the SDXL ViT-H variants, ViT-bigG/14 for SDXL base)."
+            "and the SDXL ViT-H variants, ViT-bigG/14 for SDXL base, CLIP ViT-L/14 for the XLabs Flux "
+            "IP-Adapter)."
         )
     embeds.encoder_key = (file_stamp(encoder_path), str(base.dtype), str(base.device))
     if adapter.is_face_id:  # FaceID Plus: the CLIP hidden states of the aligned face crops
@@ -175,7 +216,8 @@ def _encode(adapter: IPAdapterFile, inputs: IPAdapterInputs, base: BaseModel, em
         embeds.clip = combine_embeds(*states, inputs.combine_embeds)
         embeds.shortcut = _shortcut(inputs.faceid_v2, inputs.adapter_name, base.family)
     else:
-        states = encode_images(encoder, inputs.image, hidden, embeds.encoder_key)
+        black = adapter.variant == "flux"  # FluxPipeline's negative: a black image's embedding
+        states = encode_images(encoder, inputs.image, hidden, embeds.encoder_key, black)
         embeds.positive, embeds.negative = combine_embeds(*states, inputs.combine_embeds)
 
 

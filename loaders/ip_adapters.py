@@ -151,27 +151,40 @@ def image_digest(images: torch.Tensor) -> str:
 
 
 def encode_images(
-    encoder, images: torch.Tensor, hidden_states: bool, encoder_key: tuple
+    encoder, images: torch.Tensor, hidden_states: bool, encoder_key: tuple, black_negative: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(positive, negative) embeddings of a ComfyUI IMAGE batch [n, H, W, 3] as diffusers computes
     them in `encode_image`: image_embeds (negative: zeros) or, for Plus-style adapters, the penultimate
-    hidden states (negative: those of a zero image). Shapes [1, n, ...], cached by image content."""
-    key = (encoder_key, image_digest(images), hidden_states)
-    return _embeds_cache.get(key, None, lambda: _encode(encoder, images, hidden_states))
+    hidden states (negative: those of a zero image). Shapes [1, n, ...], cached by image content.
+    `black_negative`: the negative is the image_embeds of an all-black image, [1, 1, width], as
+    FluxPipeline (and XLabs' x-flux) make the Flux IP-Adapter's negative."""
+    key = (encoder_key, image_digest(images), hidden_states, black_negative)
+    return _embeds_cache.get(key, None, lambda: _encode(encoder, images, hidden_states, black_negative))
 
 
-def _encode(encoder, images: torch.Tensor, hidden_states: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _pixels(encoder, images: torch.Tensor) -> torch.Tensor:
+    """A ComfyUI IMAGE batch through the CLIP processor, on the encoder's device and dtype."""
     pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     # channels_last: the processor would otherwise guess channels-first for a 1x1 or 3x3 image
     processed = image_processor(encoder.config.image_size)(
         list(pixels), return_tensors="pt", input_data_format="channels_last"
     ).pixel_values
     param = next(encoder.parameters())
-    processed = processed.to(param.device, param.dtype)
+    return processed.to(param.device, param.dtype)
+
+
+def _encode(
+    encoder, images: torch.Tensor, hidden_states: bool, black_negative: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    processed = _pixels(encoder, images)
     with torch.no_grad():
         if hidden_states:
             positive = encoder(processed, output_hidden_states=True).hidden_states[-2]
             negative = encoder(torch.zeros_like(processed), output_hidden_states=True).hidden_states[-2]
+        elif black_negative:
+            positive = encoder(processed).image_embeds
+            # Resized and cropped, a black image of any size is the processor's black square.
+            negative = encoder(_pixels(encoder, torch.zeros_like(images[:1]))).image_embeds
         else:
             positive = encoder(processed).image_embeds
             negative = torch.zeros_like(positive)
@@ -228,10 +241,16 @@ def step_range_schedule(pipe, adapters: tuple, steps: int) -> Iterator[Callable[
 
     def after_step(completed: int) -> None:
         if completed < steps:
-            pipe.set_ip_adapter_scale(scales_for(completed))
+            set_scales(pipe, scales_for(completed))
 
-    pipe.set_ip_adapter_scale(scales_for(0))
+    set_scales(pipe, scales_for(0))
     try:
         yield after_step
     finally:
-        pipe.set_ip_adapter_scale([s.scale for s in specs])
+        set_scales(pipe, [s.scale for s in specs])
+
+
+def set_scales(pipe, scales: list) -> None:
+    """`set_ip_adapter_scale` with one scale per adapter. A single adapter's is passed alone: diffusers'
+    Flux mixin reads a one-element list as per-block scales of one adapter (and refuses it)."""
+    pipe.set_ip_adapter_scale(scales[0] if len(scales) == 1 else scales)

@@ -245,3 +245,43 @@ def write_vision_files(folder: Path, seed: int = 0) -> tuple[Path, Path, CLIPVis
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tf))
     save_file(to_open_clip_layout(model), str(oc))
     return tf, oc, model
+
+
+# ---------------------------------------------------------------- the XLabs Flux IP-Adapter
+def xlabs_flux_ip_adapter(
+    transformer, image_width: int = ENC_PROJ, tokens: int = 4, blocks: int | None = None, seed: int = 3
+) -> dict[str, torch.Tensor]:
+    """A tiny XLabs-layout Flux IP-Adapter (XLabs-AI/flux-ip-adapter's key names: x-flux's
+    `ImageProjModel` as `ip_adapter_proj_model.*`, its `IPDoubleStreamBlockProcessor` per double block
+    as `double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj.*`) for a diffusers Flux
+    `transformer`: `tokens` image tokens as wide as its T5 tokens, keys and values as wide as its
+    attention, one block per double block unless `blocks` says otherwise."""
+    g = torch.Generator().manual_seed(seed)
+    width, inner = transformer.config.joint_attention_dim, transformer.inner_dim
+    n = transformer.config.num_layers if blocks is None else blocks
+    proj = "ip_adapter_proj_model."
+    sd = {
+        proj + "proj.weight": torch.randn(tokens * width, image_width, generator=g) * 0.1,
+        proj + "proj.bias": torch.randn(tokens * width, generator=g) * 0.1,
+        proj + "norm.weight": 1 + torch.randn(width, generator=g) * 0.1,
+        proj + "norm.bias": torch.randn(width, generator=g) * 0.1,
+    }
+    for i in range(n):
+        for kv in "kv":
+            name = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj."
+            sd[name + "weight"] = torch.randn(inner, width, generator=g) * 0.2
+            sd[name + "bias"] = torch.randn(inner, generator=g) * 0.1
+    return sd
+
+
+def xlabs_to_diffusers_form(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same weights under diffusers' flat names (`image_proj.*`, `ip_adapter.N.to_{k,v}_ip.*`)."""
+    out = {}
+    for key, value in sd.items():
+        if key.startswith("ip_adapter_proj_model."):
+            out["image_proj." + key.split(".", 1)[1]] = value
+        else:
+            _, block, _, name, kind = key.split(".")
+            kv = name[len("ip_adapter_double_stream_")]
+            out[f"ip_adapter.{block}.to_{kv}_ip.{kind}"] = value
+    return out
