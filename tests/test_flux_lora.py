@@ -433,3 +433,28 @@ def test_flux_lbw_values_base_double_single():
 def test_flux_block_weight_refusals(spec, message):
     with pytest.raises(BlockScalesError, match=message):
         parse_lora_block_weights(spec, "flux", unet_config={"num_layers": 2, "num_single_layers": 3})
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "lokr"])
+def test_fp8_weights_merge_in_float32_and_restore_bit_exactly(models_root, fmt):
+    """fp8 (e4m3fn) Linear weights, as a Flux fp8 checkpoint keeps them: the merge is computed in
+    float32 and rounded once to fp8; removal puts the original tensors back (no rounding at all)."""
+    handle = flux_handle()
+    transformer = handle.base.pipe.transformer
+    for module in transformer.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn)
+    sd, deltas = FORMATS[fmt][0](fresh_flux_pipe().transformer)
+    write(models_root, "a.safetensors", sd)
+    before = snapshot(transformer)
+    lora_handle, _ = load(handle, "a.safetensors", 1.0)
+    with materialized(lora_handle):
+        state = transformer.state_dict()
+        for path, delta in deltas.items():
+            got = state[f"{path}.weight"]
+            assert got.dtype == torch.float8_e4m3fn
+            want = (before[f"{path}.weight"].float() + delta).to(torch.float8_e4m3fn).float()
+            # one fp8 rounding of the float32 sum (3 mantissa bits): at most one step apart
+            assert float((got.float() - want).abs().max()) <= 0.125 * float(want.abs().max()), path
+    with materialized(UnloadLoRA().unload(lora_handle)[0]):
+        assert_restored(transformer, before)

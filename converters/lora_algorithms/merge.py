@@ -50,11 +50,15 @@ def merge_layer(
         elements = max(s.block_elements for s in steps) if _BLOCK_ELEMENTS is None else _BLOCK_ELEMENTS
         block = min(rows, group * max(1, elements // max(1, group * width)))
     direct = original.dtype == torch.float32  # work in the result's own rows
+    narrow = original.dtype.itemsize == 1  # fp8 (e4m3fn / e5m2) weights, as Flux fp8 checkpoints hold
     buffer = None if direct else torch.empty(block, width, dtype=torch.float32, device=device)
     for start in range(0, rows, block):
         stop = min(rows, start + block)
         acc = dst[start:stop] if direct else buffer[: stop - start]
         if acc.data_ptr() == src.data_ptr() + start * width * src.element_size():  # written in place
+            steps[0].rows(acc, start, stop)
+        elif narrow:  # fp8 takes part in no arithmetic (torch does not promote it): widen the block
+            acc.copy_(src[start:stop])
             steps[0].rows(acc, start, stop)
         else:
             steps[0].first(src[start:stop], acc, start, stop)
