@@ -15,8 +15,8 @@ from .common import CATEGORY, FACEID, PIPELINE, checks_numbers
 class ApplyIPAdapter:
     DESCRIPTION = (
         "Adds an IP-Adapter from models/ipadapter (SD1.5 base/light/Plus/Plus Face/Full Face, SDXL and SDXL "
-        "ViT-H variants, FaceID, FaceID Plus/PlusV2, FaceID Portrait and SDXL Portrait unnorm; the variant "
-        "is read from the weights) "
+        "ViT-H variants, FaceID, FaceID Plus/PlusV2, FaceID Portrait and SDXL Portrait unnorm, and for Flux "
+        "the XLabs Flux IP-Adapter with CLIP ViT-L/14; the variant is read from the weights) "
         "with an image encoder from models/clip_vision (transformers or open_clip layout). Image adapters "
         "take the image input, encoded now (cached by content); FaceID adapters take the faceid input from "
         "FaceID Embed, and their built-in LoRA is merged at lora_strength beside your other LoRAs. Scale 0 "
@@ -41,9 +41,9 @@ class ApplyIPAdapter:
                 "clip_vision": (
                     comfy_host.list_model_files("clip_vision"),
                     {
-                        "tooltip": "The image encoder the adapter was trained with (ViT-H or ViT-bigG), "
-                        "a file in models/clip_vision. FaceID Plus/PlusV2 use it on the face crops; plain "
-                        "FaceID ignores it."
+                        "tooltip": "The image encoder the adapter was trained with (ViT-H or ViT-bigG; "
+                        "CLIP ViT-L/14 for the XLabs Flux IP-Adapter), a file in models/clip_vision. FaceID "
+                        "Plus/PlusV2 use it on the face crops; plain FaceID ignores it."
                     },
                 ),
                 "scale": (
@@ -90,7 +90,7 @@ class ApplyIPAdapter:
                         "tooltip": "Optional per-block scales, multiplied by scale: an InstantStyle preset "
                         "for SDXL (style, composition, style and composition) or a diffusers "
                         'set_ip_adapter_scale dict as JSON, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}. '
-                        "Blocks not named get 0.",
+                        "Blocks not named get 0. SD/SDXL only: leave empty for Flux.",
                     },
                 ),
                 "lora_strength": (

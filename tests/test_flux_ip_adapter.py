@@ -275,3 +275,33 @@ def test_damaged_files_are_refused_with_the_tensor_named(tiny_flux, damage, mess
     damage(sd)
     with pytest.raises(IPAdapterFormatError, match=message):
         parse_flux_ip_adapter(sd)
+
+
+def test_a_failed_change_leaves_the_adapters_as_they_were(tiny_flux, models_root, monkeypatch):
+    from comfyui_diffusers_adapters.loaders import flux_ip_adapters
+
+    encoder = write_files(models_root, tiny_flux.transformer)
+    save_file(
+        xlabs_flux_ip_adapter(tiny_flux.transformer, seed=9), str(models_root / "ipadapter" / "b.safetensors")
+    )
+    handle = flux_handle(tiny_flux)
+    processors = dict(handle.base.pipe.transformer.attn_processors)
+    plain = sample(handle)
+    one = apply(handle, encoder, 0.8)
+    before = sample(one)
+    real, calls = flux_ip_adapters.set_scales, []
+
+    def interrupted_once(pipe, scales):
+        calls.append(scales)
+        if len(calls) == 1:  # while loading the new adapter: after its processors were set
+            raise KeyboardInterrupt
+        real(pipe, scales)
+
+    monkeypatch.setattr(flux_ip_adapters, "set_scales", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        sample(apply(one, encoder, 0.5, name="b.safetensors"))
+    monkeypatch.undo()
+    assert torch.equal(sample(one), before)  # the first adapter as it was
+    assert torch.equal(sample(handle), plain)
+    now = handle.base.pipe.transformer.attn_processors
+    assert all(now[k] is processors[k] for k in processors)
