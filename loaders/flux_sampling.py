@@ -2,9 +2,10 @@
 FluxPipeline (full denoise) and FluxImg2ImgPipeline (denoise below 1) on the loaded components: the
 denoising loop is theirs, only what goes in and comes out is set here.
 
-- Prompts: CLIP-L's pooled output and T5's sequence through diffusers' `encode_prompt`. ComfyUI's
-  `(text:1.2)` syntax is read and taken out of the text (so no "(", ":1.2" reach the tokenizers);
-  the weights themselves are not applied to Flux's encoders.
+- Prompts: CLIP-L's pooled output and T5's sequence through diffusers' `encode_prompt`, on the text
+  without ComfyUI's `(text:1.2)` syntax. Weights other than 1 are applied to T5's sequence as
+  ComfyUI applies them (each token moved from the empty prompt's by its weight); the pooled CLIP-L
+  output, all Flux reads from CLIP, is not weighted in ComfyUI either.
 - `guidance`: Flux dev's distilled guidance (diffusers' guidance_scale, ComfyUI's FluxGuidance,
   3.5 by default). A transformer without a guidance embedding (schnell) ignores it.
 - `cfg`: at 1 or below the negative prompt is neither encoded nor used (ComfyUI skips the uncond
@@ -125,22 +126,51 @@ def unpack(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return FluxPipeline._unpack_latents(tokens, height, width, 1)
 
 
-def _plain_text(text: str) -> str:
-    """The prompt without ComfyUI's weight syntax (weights are not applied for Flux, see above)."""
-    return "".join(segment for segment, _weight in parse_prompt_weights(text))
+def _weighted_t5(pipe: FluxPipeline, segments: list[tuple[str, float]]) -> torch.Tensor:
+    """T5's sequence [1, 512, width] with ComfyUI's token weights (sd1_clip's encode_token_weights):
+    a weighted token's embedding moves away from the empty prompt's at its position by its weight.
+    Each segment is tokenized on its own, as ComfyUI does; padded as diffusers pads (no mask)."""
+    tokenizer = pipe.tokenizer_2
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, weight in segments:
+        piece = tokenizer(text, add_special_tokens=False).input_ids
+        ids += piece
+        weights += [weight] * len(piece)
+    ids = ids[: MAX_T5_TOKENS - 1] + [tokenizer.eos_token_id]  # truncated as diffusers truncates
+    weights = weights[: MAX_T5_TOKENS - 1] + [1.0]
+    padding = MAX_T5_TOKENS - len(ids)
+    empty = [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (MAX_T5_TOKENS - 1)
+    encoder = pipe.text_encoder_2
+    batch = torch.tensor([ids + [tokenizer.pad_token_id] * padding, empty], device=encoder.device)
+    with torch.no_grad():
+        out = encoder(batch, output_hidden_states=False)[0]
+    z, z_empty = out[:1], out[1:]
+    w = torch.tensor(weights + [1.0] * padding, device=out.device, dtype=out.dtype).view(1, -1, 1)
+    weighted = torch.where(w != 1.0, (z - z_empty) * w + z_empty, z)  # weight 1 tokens untouched
+    return weighted.to(pipe._execution_device, encoder.dtype)
 
 
 def encode_flux_prompt(pipe: FluxPipeline, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(T5 sequence [1, 512, width], CLIP-L pooled [1, width]) of one prompt, diffusers' encoding."""
+    """(T5 sequence [1, 512, width], CLIP-L pooled [1, width]) of one prompt: diffusers' encoding of
+    the text without ComfyUI's weight syntax; with weights other than 1, T5's sequence is weighted
+    as ComfyUI weights it (CLIP-L's pooled output, all Flux takes from CLIP, is never weighted)."""
+    segments = parse_prompt_weights(text)
+    plain = "".join(segment for segment, _weight in segments)
+    device = pipe._execution_device
     with torch.no_grad():
-        embeds, pooled, _text_ids = pipe.encode_prompt(
-            prompt=_plain_text(text),
-            prompt_2=None,
-            device=pipe._execution_device,
-            num_images_per_prompt=1,
-            max_sequence_length=MAX_T5_TOKENS,
-        )
-    return embeds, pooled
+        if all(weight == 1.0 for _segment, weight in segments):
+            embeds, pooled, _text_ids = pipe.encode_prompt(
+                prompt=plain,
+                prompt_2=None,
+                device=device,
+                num_images_per_prompt=1,
+                max_sequence_length=MAX_T5_TOKENS,
+            )
+            return embeds, pooled
+        # the CLIP-L half of encode_prompt; T5's weighted sequence replaces its other half
+        pooled = pipe._get_clip_prompt_embeds(prompt=plain, num_images_per_prompt=1, device=device)
+    return _weighted_t5(pipe, segments), pooled
 
 
 def flux_conditioning(pipe: FluxPipeline, s: FluxSettings) -> dict:

@@ -25,7 +25,7 @@ class Sampler:
         "of the input (img2img, hires fix), a noise mask repaints only the masked region. Flux models: "
         "sampler euler with scheduler simple or normal; guidance is dev's distilled guidance (schnell "
         "ignores it); cfg 1 uses no negative prompt, above 1 it is true CFG (two passes a step); "
-        "(text:1.2) weights are read but not applied."
+        "(text:1.2) weights apply to T5's tokens as in ComfyUI."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE", "LATENT")

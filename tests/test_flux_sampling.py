@@ -394,3 +394,32 @@ def test_taesd_previews_of_flux_use_comfyuis_flux_format(monkeypatch):
     assert preview is not None and preview(torch.zeros(1, 16, 8, 8)) == ("JPEG", (1, 16, 8, 8))
     assert isinstance(asked[0], formats.Flux)
     assert comfy_host._taesd_preview("sd1") is None  # no taesd_decoder file: latent2rgb instead
+
+
+def test_prompt_weights_are_comfyuis_on_t5_and_leave_the_pooled_clip(dev):
+    from comfyui_diffusers_adapters.loaders.flux_sampling import encode_flux_prompt
+
+    with torch.no_grad():  # as the pipeline encodes (T5's attention kernels differ with grad)
+        plain = dev.encode_prompt(prompt="a cat in the style", prompt_2=None, max_sequence_length=512)
+        escaped = dev.encode_prompt(prompt="a cat in the (style)", prompt_2=None, max_sequence_length=512)
+    unit = encode_flux_prompt(dev, "a (cat:1.0) in the \\(style\\)")  # syntax out, weight 1: diffusers'
+    assert torch.equal(unit[0], escaped[0]) and torch.equal(unit[1], escaped[1])
+    embeds, pooled = encode_flux_prompt(dev, "a (cat:1.5) in the style")
+    assert torch.equal(pooled, plain[1])  # Flux reads only CLIP-L's pooled output, never weighted
+    # written out: T5 on each segment's tokens + </s>, padded with <pad> to 512, beside the empty
+    # prompt (</s> then <pad>); the weighted tokens move from the empty prompt's by their weight
+    tok = dev.tokenizer_2
+    pieces = [(tok("a ", add_special_tokens=False).input_ids, 1.0)]
+    pieces += [(tok("cat", add_special_tokens=False).input_ids, 1.5)]
+    pieces += [(tok(" in the style", add_special_tokens=False).input_ids, 1.0)]
+    ids = [i for p, _ in pieces for i in p] + [1]
+    weights = [w for p, w in pieces for _ in p] + [1.0]
+    ids += [0] * (512 - len(ids))
+    with torch.no_grad():
+        z = dev.text_encoder_2(torch.tensor([ids]))[0][0]
+        empty = dev.text_encoder_2(torch.tensor([[1] + [0] * 511]))[0][0]
+    for j, w in enumerate(weights):
+        expected = z[j] if w == 1.0 else (z[j] - empty[j]) * w + empty[j]
+        assert torch.allclose(embeds[0, j], expected, atol=1e-6), j
+    assert torch.allclose(embeds[0, len(weights) :], z[len(weights) :], atol=1e-6)
+    assert not torch.allclose(embeds, plain[0], atol=1e-3)
