@@ -305,3 +305,36 @@ def test_a_failed_change_leaves_the_adapters_as_they_were(tiny_flux, models_root
     assert torch.equal(sample(handle), plain)
     now = handle.base.pipe.transformer.attn_processors
     assert all(now[k] is processors[k] for k in processors)
+
+
+def test_full_size_xlabs_shapes_fit_full_size_flux():
+    """The published file's shapes (4 tokens x 4096 from ViT-L/14's 768, 19 double blocks 3072 wide)
+    read without their values and fit FLUX.1-dev's config; 16 tokens (65536 rows) read as 16."""
+    from types import SimpleNamespace
+
+    from diffusers import FluxTransformer2DModel
+
+    from comfyui_diffusers_adapters.converters.flux_ip_adapter_files import check_flux_transformer
+
+    def shapes(tokens: int, blocks: int = 19) -> dict:
+        sd = {
+            "ip_adapter_proj_model.proj.weight": (tokens * 4096, 768),
+            "ip_adapter_proj_model.proj.bias": (tokens * 4096,),
+            "ip_adapter_proj_model.norm.weight": (4096,),
+            "ip_adapter_proj_model.norm.bias": (4096,),
+        }
+        for i in range(blocks):
+            for kv in "kv":
+                name = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj."
+                sd.update({name + "weight": (3072, 4096), name + "bias": (3072,)})
+        return {k: SimpleNamespace(shape=v) for k, v in sd.items()}
+
+    with torch.device("meta"):
+        config = FluxTransformer2DModel(guidance_embeds=True).config  # FLUX.1-dev's defaults
+    inner = config.num_attention_heads * config.attention_head_dim
+    for tokens in (4, 16):
+        f = parse_flux_ip_adapter(shapes(tokens))
+        assert (f.num_tokens, f.image_embed_dim, f.num_cross_attention_layers) == (tokens, 768, 19)
+        check_flux_transformer(f, config.num_layers, config.joint_attention_dim, inner)
+    with pytest.raises(IPAdapterFormatError, match="19 double blocks; this model has 2"):
+        check_flux_transformer(parse_flux_ip_adapter(shapes(4)), 2, 4096, 3072)
