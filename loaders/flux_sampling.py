@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from .latents import (
     LatentInput,
@@ -142,7 +143,9 @@ def _weighted_t5(pipe: FluxPipeline, segments: list[tuple[str, float]]) -> torch
     padding = MAX_T5_TOKENS - len(ids)
     empty = [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (MAX_T5_TOKENS - 1)
     encoder = pipe.text_encoder_2
-    batch = torch.tensor([ids + [tokenizer.pad_token_id] * padding, empty], device=encoder.device)
+    # where the encoder runs (with CPU offload, not where its weights wait), as diffusers asks
+    device = get_module_execution_device(encoder)
+    batch = torch.tensor([ids + [tokenizer.pad_token_id] * padding, empty], device=device)
     with torch.no_grad():
         out = encoder(batch, output_hidden_states=False)[0]
     z, z_empty = out[:1], out[1:]
@@ -225,7 +228,7 @@ def decode_raw(pipe: FluxPipeline, latents: torch.Tensor) -> torch.Tensor:
     """ComfyUI IMAGE of the VAE's own latents (a LATENT's samples)."""
     vae = pipe.vae
     with torch.no_grad():
-        image = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
+        image = vae.decode(latents.to(get_module_execution_device(vae), vae.dtype), return_dict=False)[0]
     image = pipe.image_processor.postprocess(image, output_type="pt")
     return image.permute(0, 2, 3, 1).float().cpu().contiguous()
 
