@@ -27,6 +27,7 @@ denoising loop is theirs, only what goes in and comes out is set here.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
@@ -47,6 +48,7 @@ from .latents import (
 from .prompt_encoding import parse_prompt_weights
 from .schedulers import check_flux_choice
 
+logger = logging.getLogger(__name__)
 StepCallback = Callable[[int, torch.Tensor], None]
 
 # ComfyUI's latent -> RGB projection for Flux latents in the transformer's space (16 x 3, bias).
@@ -138,6 +140,8 @@ def _weighted_t5(pipe: FluxPipeline, segments: list[tuple[str, float]]) -> torch
         piece = tokenizer(text, add_special_tokens=False).input_ids
         ids += piece
         weights += [weight] * len(piece)
+    if len(ids) > MAX_T5_TOKENS - 1:  # diffusers warns the same way for unweighted prompts
+        logger.warning("T5 reads the first %d of the prompt's %d tokens.", MAX_T5_TOKENS - 1, len(ids))
     ids = ids[: MAX_T5_TOKENS - 1] + [tokenizer.eos_token_id]  # truncated as diffusers truncates
     weights = weights[: MAX_T5_TOKENS - 1] + [1.0]
     padding = MAX_T5_TOKENS - len(ids)

@@ -423,3 +423,11 @@ def test_prompt_weights_are_comfyuis_on_t5_and_leave_the_pooled_clip(dev):
         assert torch.allclose(embeds[0, j], expected, atol=1e-6), j
     assert torch.allclose(embeds[0, len(weights) :], z[len(weights) :], atol=1e-6)
     assert not torch.allclose(embeds, plain[0], atol=1e-3)
+
+
+def test_a_long_weighted_prompt_is_cut_at_t5s_512_tokens_with_a_warning(dev, caplog):
+    from comfyui_diffusers_adapters.loaders.flux_sampling import encode_flux_prompt
+
+    embeds, pooled = encode_flux_prompt(dev, "(cat:1.2) " + "dog " * 600)
+    assert embeds.shape == (1, 512, dev.text_encoder_2.config.d_model) and pooled.shape[0] == 1
+    assert "T5 reads the first 511" in caplog.text
