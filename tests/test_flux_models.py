@@ -453,3 +453,25 @@ def test_full_size_text_encoder_and_vae_configs_from_weights():
     assert (
         fc.t5_config({k: tuple(v.shape) for k, v in t5_to_file(t5.state_dict()).items()})["num_heads"] == 64
     )
+
+
+def test_inside_comfyui_the_t5_tokenizer_is_comfyuis_own(monkeypatch, tmp_path):
+    """comfy_host points at comfy/text_encoders/t5_tokenizer beside comfy/utils.py (read in place)."""
+    import types
+
+    (tmp_path / "comfy" / "text_encoders" / "t5_tokenizer").mkdir(parents=True)
+    fake_utils = types.SimpleNamespace(__file__=str(tmp_path / "comfy" / "utils.py"))
+    monkeypatch.setattr(comfy_host, "IN_COMFYUI", True)
+    monkeypatch.setattr(comfy_host, "_cu", fake_utils)
+    assert (
+        comfy_host.t5_tokenizer_folder() == (tmp_path / "comfy" / "text_encoders" / "t5_tokenizer").resolve()
+    )
+    monkeypatch.setattr(comfy_host, "IN_COMFYUI", False)
+    assert comfy_host.t5_tokenizer_folder() is None
+
+
+def test_host_tokenizer_folder_is_used_when_no_other_is_named(monkeypatch, tokenizer_dir):
+    monkeypatch.delenv(flux_files.T5_TOKENIZER_ENV)
+    monkeypatch.setattr(flux_files, "_host_tokenizer_folder", tokenizer_dir)
+    assert flux_files.t5_tokenizer_folder() == tokenizer_dir
+    assert flux_files.load_t5_tokenizer()("a cat").input_ids[-1] == 1  # </s>
