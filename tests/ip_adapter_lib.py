@@ -248,30 +248,8 @@ def write_vision_files(folder: Path, seed: int = 0) -> tuple[Path, Path, CLIPVis
 
 
 # ---------------------------------------------------------------- the XLabs Flux IP-Adapter
-def xlabs_flux_ip_adapter(
-    transformer, image_width: int = ENC_PROJ, tokens: int = 4, blocks: int | None = None, seed: int = 3
-) -> dict[str, torch.Tensor]:
-    """A tiny XLabs-layout Flux IP-Adapter (XLabs-AI/flux-ip-adapter's key names: x-flux's
-    `ImageProjModel` as `ip_adapter_proj_model.*`, its `IPDoubleStreamBlockProcessor` per double block
-    as `double_blocks.N.processor.ip_adapter_double_stream_{k,v}_proj.*`) for a diffusers Flux
-    `transformer`: `tokens` image tokens as wide as its T5 tokens, keys and values as wide as its
-    attention, one block per double block unless `blocks` says otherwise."""
-    g = torch.Generator().manual_seed(seed)
-    width, inner = transformer.config.joint_attention_dim, transformer.inner_dim
-    n = transformer.config.num_layers if blocks is None else blocks
-    proj = "ip_adapter_proj_model."
-    sd = {
-        proj + "proj.weight": torch.randn(tokens * width, image_width, generator=g) * 0.1,
-        proj + "proj.bias": torch.randn(tokens * width, generator=g) * 0.1,
-        proj + "norm.weight": 1 + torch.randn(width, generator=g) * 0.1,
-        proj + "norm.bias": torch.randn(width, generator=g) * 0.1,
-    }
-    for i in range(n):
-        for kv in "kv":
-            name = f"double_blocks.{i}.processor.ip_adapter_double_stream_{kv}_proj."
-            sd[name + "weight"] = torch.randn(inner, width, generator=g) * 0.2
-            sd[name + "bias"] = torch.randn(inner, generator=g) * 0.1
-    return sd
+# The XLabs-layout writer is devtools/tiny_flux_ip_adapter.xlabs_flux_ip_adapter (the demo writes the
+# same files); here: the same weights in diffusers' form.
 
 
 def xlabs_to_diffusers_form(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,7 +13,6 @@ from ip_adapter_lib import (
     flatten,
     ip_adapter_nested,
     write_vision_files,
-    xlabs_flux_ip_adapter,
     xlabs_to_diffusers_form,
 )
 from PIL import Image
@@ -22,6 +21,11 @@ from safetensors.torch import save_file
 from comfyui_diffusers_adapters.converters.flux_ip_adapter_files import parse_flux_ip_adapter
 from comfyui_diffusers_adapters.converters.ip_adapter_files import IPAdapterFormatError
 from comfyui_diffusers_adapters.devtools.tiny_flux import build_tiny_flux
+from comfyui_diffusers_adapters.devtools.tiny_flux_ip_adapter import (
+    tiny_clip_vision,
+    write_tiny_flux_ip_adapter,
+    xlabs_flux_ip_adapter,
+)
 from comfyui_diffusers_adapters.loaders.base_models import BaseModel
 from comfyui_diffusers_adapters.loaders.flux_sampling import encode_flux_prompt, pack
 from comfyui_diffusers_adapters.loaders.image_encoders import image_processor
@@ -338,3 +342,16 @@ def test_full_size_xlabs_shapes_fit_full_size_flux():
         check_flux_transformer(f, config.num_layers, config.joint_attention_dim, inner)
     with pytest.raises(IPAdapterFormatError, match="19 double blocks; this model has 2"):
         check_flux_transformer(parse_flux_ip_adapter(shapes(4)), 2, 4096, 3072)
+
+
+def test_demo_files_from_devtools_apply(tiny_flux, tmp_path):
+    """devtools writes the tiny adapter and encoder the demo and example workflows use."""
+    from comfyui_diffusers_adapters.loaders.ip_adapter_specs import IPAdapterInputs, with_ip_adapter
+
+    adapter, encoder = write_tiny_flux_ip_adapter(tmp_path / "models", tiny_flux.transformer)
+    inputs = IPAdapterInputs(adapter, adapter.name, lambda: encoder, encoder.name, image=reference_image())
+    handle = flux_handle(tiny_flux)
+    adapted, info = with_ip_adapter(handle, inputs)
+    assert "XLabs Flux IP-Adapter" in info
+    assert tiny_clip_vision().config.projection_dim == adapted.adapters[0].file.image_embed_dim
+    assert not torch.equal(sample(adapted), sample(handle))
