@@ -60,7 +60,7 @@ def _t5_config(vocab_size: int) -> T5Config:
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
+        relative_attention_max_distance=128,  # T5 v1.1 and ComfyUI; the weights do not hold it
         feed_forward_proj="gated-gelu",
         tie_word_embeddings=False,
         is_encoder_decoder=False,
