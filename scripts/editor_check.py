@@ -125,6 +125,11 @@ JS_COVERED = """([x, y, w, h]) => {
   return hidden;
 }"""
 
+# A card shows the workflow's own picture: the frontend fetches <name>.jpg into a blob, and falls
+# back to its default-template.png when that fails.
+JS_CARD_PICTURE = """([card, name]) => [...card.querySelectorAll('img')].some(i => i.complete
+  && i.naturalWidth > 0 && (i.src.startsWith('blob:') || i.src.endsWith('/' + name + '.jpg')))"""
+
 JS_SAVED_WIDGETS = """() => Object.fromEntries(window.app.graph.serialize().nodes.map(
   n => [n.id, n.widgets_values ?? null]))"""
 
@@ -336,14 +341,10 @@ def thumbnails(page: Any, names: list[str]) -> dict[str, str]:
         card.scroll_into_view_if_needed()
         try:
             card.locator("img").first.wait_for(timeout=10_000)
-            page.wait_for_function(
-                "(el) => [...el.querySelectorAll('img')].some(i => i.complete && i.naturalWidth > 0)",
-                arg=card.element_handle(),
-                timeout=10_000,
-            )
+            page.wait_for_function(JS_CARD_PICTURE, arg=[card.element_handle(), name], timeout=10_000)
             shown[name] = ""
         except Exception:  # playwright's TimeoutError: report it as the check's detail
-            shown[name] = "no picture on its card"
+            shown[name] = "no picture on its card (the frontend's default-template.png or none)"
     return shown
 
 
@@ -493,6 +494,8 @@ def browse(args: argparse.Namespace, server: str, report: Report) -> None:
             page.locator('[data-testid^="template-workflow-"]').first.scroll_into_view_if_needed()
             page.wait_for_timeout(500)
             page.screenshot(path=str(args.out / "template_browser.png"))
+            errors = events.take()
+            report.check("(templates)", "errors", not errors, "; ".join(errors)[:600])
             for path in paths:
                 try:
                     check_workflow(page, args, server, report, events, path, shown.get(path.stem, ""))
