@@ -23,6 +23,7 @@ ITEM = re.compile(r"(?P<name>\w+)(?: \((?P<note>.*)\))?(?: = (?P<default>\S+))?"
 # Combos listing model files: their choices are the user's files.
 FILE_COMBOS = frozenset(
     {"checkpoint", "lora_name", "embedding", "ipadapter", "clip_vision", "insightface_model"}
+    | {"transformer", "clip_l", "t5", "vae"}
 )
 
 
