@@ -121,8 +121,20 @@ def export_peft(lora: LoraFile, targets: dict, out_path: Path) -> list[str]:
         warnings.simplefilter("ignore")
         state, header = to_peft_state_dict(lora, targets, on_unsupported="drop")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out_path), metadata=header)
+    save_file(_unshared(state), str(out_path), metadata=header)
     return json.loads(header.get(DROPPED_KEY, "[]"))
+
+
+def _unshared(state: dict) -> dict:
+    """safetensors refuses tensors that share memory: the modules split from one fused layer (Flux's
+    BFL qkv) share its down factor, so each gets its own copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in state.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[key] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
 
 
 def describe(lora: LoraFile, name: str) -> str:

@@ -188,6 +188,26 @@ def test_matches_diffusers_load_lora_weights_and_fuse_lora(models_root, fmt):
     assert worst < REL_TOL
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "lokr", "full"])
+def test_export_to_peft_loads_in_diffusers_with_the_same_change(tmp_path, fmt):
+    """BFL-named files (fused layers split by the pack) exported as diffusers/PEFT files: diffusers'
+    load_lora_weights + fuse_lora then makes the written-out change. Block layers only: a PEFT config
+    cannot tell the top-level proj_out from the single blocks' (the export refuses that)."""
+    pipe = fresh_flux_pipe()
+    targets = {"transformer": shapes(pipe.transformer), "text_encoder": shapes(pipe.text_encoder)}
+    sd, deltas = FORMATS[fmt][0](pipe.transformer)
+    sd = {k: v for k, v in sd.items() if "blocks" in k}
+    lora = parse_flux_lora(sd, targets)
+    assert lora_files.export_peft(lora, targets, tmp_path / "x.safetensors") == []
+    reference = fresh_flux_pipe()
+    reference.load_lora_weights(str(tmp_path), weight_name="x.safetensors")
+    reference.fuse_lora(lora_scale=1.0, components=["transformer"])
+    reference.unload_lora_weights()
+    before = snapshot(pipe.transformer)
+    want = {k: d for k, d in deltas.items() if "blocks" in k}
+    assert check_merge(reference.transformer, before, want, 1.0) < REL_TOL
+
+
 # ------------------------------------------------------------------ strengths, stacking, dtypes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["kohya", "lokr", "full"])
