@@ -536,8 +536,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     report = Report()
-    # SIGTERM as Ctrl-C, so that the finally blocks stop ComfyUI and the browser.
+    # SIGTERM as Ctrl-C, so that the finally blocks stop ComfyUI and the browser; SIGINT too when
+    # the shell started this in the background with SIGINT ignored.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.server:
         browse(args, args.server.rstrip("/"), report)
         return report.summary()
