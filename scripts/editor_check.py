@@ -14,20 +14,25 @@ check, a summary, exit code 1 when a check failed. ComfyUI and the browser are s
 (Ctrl-C too). Screenshots: OUT/template_browser.png, OUT/<name>_open.png, OUT/<name>_run.png;
 ComfyUI's log and images: OUT/comfyui.log, OUT/output/.
 
-Checks per workflow:
+Checks: "(startup) errors" and "(templates) errors", no console error and no failed request while
+the editor and the template browser load (the frontend's own requests of a fresh profile offline,
+STARTUP_NOISE, aside); then per workflow:
   visible     every node (with its title bar) and group lies inside the window, not under the
               sidebar, the top bar, the Run toolbar or the minimap, at the view the editor opens with
   overlap     no two nodes overlap, no two groups overlap, no node's source badge (the pack's
               name the editor draws above a custom node's title) covers another node
   text        every text box (Notes, prompts) shows its whole text without scrolling
   unmodified  the editor did not change the workflow on opening (its change tracker, and the
-              widget values it would save equal the file's)
+              widget values it would save equal the file's). The dot on the new tab is not this:
+              the frontend marks every template not saved yet, core ones too
   open-errors no console error and no failed request while opening
   thumbnail   the template browser showed the workflow's picture
   run         the run ends with an image (ComfyUI's /history); --quick makes it 2 steps at 64x64
   run-errors  no console error and no failed request while running
   previews    with --preview-method none no latent preview reached the editor; with another method
               the sampler showed one
+
+--only NAME... checks some workflows; --server URL uses a running ComfyUI instead of starting one.
 
 Files the examples name (put them in COMFYUI/models/<folder>, pictures in COMFYUI/input; any real
 file of that kind works, tiny ones too):
