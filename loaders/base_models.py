@@ -38,6 +38,7 @@ from ..converters.training_metadata import summarize
 from . import flux_files
 from .attention_calls import skip_signature_lookups
 from .file_stamps import source_stamp
+from .memory_modes import place
 from .model_files import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIXES,
@@ -370,20 +371,28 @@ def load_base_model(
     stamp = _source_key(path)
     # A file changed on disk: forget its stale entries (every dtype and device) before loading it.
     _cache.discard(lambda key, old: key[0] == str(path) and old != stamp)
+    # 'auto' on Flux also keeps an fp8 transformer fp8 in memory (layerwise casting): part of the key.
     return _cache.get(
-        (str(path), torch_dtype, str(dev), prediction),
+        (str(path), torch_dtype, str(dev), prediction, flux),
         stamp,
-        lambda: _load(path, torch_dtype, dev, prediction),
+        lambda: _load(path, torch_dtype, dev, prediction, keep_fp8=flux),
     )
 
 
-def _load(path: Path, torch_dtype: torch.dtype, dev: torch.device, prediction: str) -> BaseModel:
+def _load(
+    path: Path, torch_dtype: torch.dtype, dev: torch.device, prediction: str, keep_fp8: bool = False
+) -> BaseModel:
     flux = flux_files.is_flux_source(path)
-    single = flux_files.load_single_file if flux else load_single_file
-    loader = load_diffusers_folder if path.is_dir() else single
-    pipe, family, pred, info = loader(path, torch_dtype, "auto" if flux else prediction)
+    loader = load_diffusers_folder if path.is_dir() else load_single_file
+    if flux and not path.is_dir():
+        pipe, family, pred, info = flux_files.load_single_file(path, torch_dtype, keep_fp8=keep_fp8)
+    else:
+        pipe, family, pred, info = loader(path, torch_dtype, "auto" if flux else prediction)
     pred = flux_files.PREDICTION if flux else pred
-    pipe.to(dev)
+    if flux:  # Flux is 20-30 GB at full size: on CUDA, offload chosen from free VRAM (memory_modes)
+        info = "\n".join(line for line in (info, place(pipe, dev)) if line)
+    else:
+        pipe.to(dev)
     pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))
     for model in (getattr(pipe, "unet", None) or pipe.transformer, pipe.vae):
         skip_signature_lookups(model)

@@ -24,6 +24,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from ..converters import flux_checkpoint as fc
 from ..converters.json_text import JsonTextError, parse_bounded_json
 from .file_errors import ModelFileError
+from .memory_modes import dtype_name, has_fp8_storage, keep_fp8_layers, stored_dtype
 from .model_files import SAFETENSORS_SUFFIXES, ModelFile, check_safetensors_header, open_model_file
 from .tokenizers import clip_tokenizer
 
@@ -125,10 +126,17 @@ def _meta(make):
         return make()
 
 
-def _assign(module: torch.nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, what: str) -> None:
-    """Assign converted tensors (cast to `dtype`) to the meta module; names must all be known."""
+def _assign(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    what: str,
+    keep_fp8: bool = False,
+) -> None:
+    """Assign converted tensors (cast to `dtype`; with `keep_fp8`, fp8 tensors stay as read, not
+    copied) to the meta module; names must all be known."""
     for key in list(state):  # in place: the file's copy of each tensor is dropped as it is cast
-        state[key] = state[key].to(dtype)
+        state[key] = state[key].to(stored_dtype(state[key], dtype) if keep_fp8 else dtype)
     _, unexpected = module.load_state_dict(state, strict=False, assign=True)
     if unexpected:
         raise FluxModelError(f"{what} has weights its model does not have (e.g. {unexpected[:3]}).")
@@ -164,8 +172,10 @@ def _format_error(file: ModelFile, part: str, e: Exception) -> FluxModelError:
 
 
 def build_transformer(
-    file: ModelFile, prefix: str, dtype: torch.dtype, loaded: _Loaded
+    file: ModelFile, prefix: str, dtype: torch.dtype, loaded: _Loaded, keep_fp8: bool = False
 ) -> FluxTransformer2DModel:
+    """The transformer, block by block. With `keep_fp8`, the file's fp8 tensors are assigned as read
+    (1 byte each) and their layers compute in `dtype` through layerwise casting (memory_modes)."""
     try:
         config = fc.transformer_config(file.shapes, prefix)
         table = fc.check_transformer_keys(file.shapes, config, prefix)
@@ -181,8 +191,11 @@ def build_transformer(
         state: dict[str, torch.Tensor] = {}
         for entry in entries:
             state.update(fc.convert(entry, tensors.pop(prefix + entry.source)))
-        _assign(model, state, dtype, f"{file.path.name} (the Flux transformer)")
-    return _finish(model, f"{file.path.name} (the Flux transformer)")
+        _assign(model, state, dtype, f"{file.path.name} (the Flux transformer)", keep_fp8)
+    model = _finish(model, f"{file.path.name} (the Flux transformer)")
+    if keep_fp8:
+        keep_fp8_layers(model, dtype)
+    return model
 
 
 def _clip_state(tensors: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str) -> dict:
@@ -300,18 +313,26 @@ def assemble(transformer, vae, clip, t5, t5_tokenizer) -> FluxPipeline:
 
 
 def describe_pipeline(pipe: FluxPipeline, fp8_parts: list[str], dtype: torch.dtype) -> str:
+    """Variant, size, and how fp8 weights are held: stored fp8 (layerwise casting) or upcast."""
     config = pipe.transformer.config
     variant = "dev (guidance-distilled)" if config.guidance_embeds else "schnell-style (no guidance input)"
     width = config.num_attention_heads * config.attention_head_dim
     blocks = f"{config.num_layers} double + {config.num_single_layers} single blocks"
     info = f"Flux.1 {variant}: {blocks}, {width} wide"
-    if fp8_parts:
-        info += f"\nfp8 weights ({', '.join(fp8_parts)}) upcast to {str(dtype).replace('torch.', '')}"
+    compute = dtype_name(dtype)
+    if has_fp8_storage(pipe.transformer):
+        info += f"\ntransformer: float8_e4m3fn storage, {compute} compute (layerwise casting)"
+    upcast = [part for part in fp8_parts if part != "transformer" or not has_fp8_storage(pipe.transformer)]
+    if upcast:
+        info += f"\nfp8 weights ({', '.join(upcast)}) upcast to {compute}"
     return info
 
 
-def load_all_in_one(path: Path, dtype: torch.dtype, t5_tokenizer_dir: Path | None = None):
-    """(pipe, info) from ComfyUI's all-in-one Flux checkpoint."""
+def load_all_in_one(
+    path: Path, dtype: torch.dtype, t5_tokenizer_dir: Path | None = None, keep_fp8: bool = False
+):
+    """(pipe, info) from ComfyUI's all-in-one Flux checkpoint; `keep_fp8`: an fp8 transformer stays
+    fp8 in memory, computing in `dtype`."""
     file = open_model_file(path)
     if fc.transformer_prefix(file.shapes) != fc.TRANSFORMER_PREFIX:
         raise FluxModelError(
@@ -330,7 +351,7 @@ def load_all_in_one(path: Path, dtype: torch.dtype, t5_tokenizer_dir: Path | Non
     tokenizer = load_t5_tokenizer(t5_tokenizer_dir)
     loaded = _Loaded()
     pipe = assemble(
-        build_transformer(file, fc.TRANSFORMER_PREFIX, dtype, loaded),
+        build_transformer(file, fc.TRANSFORMER_PREFIX, dtype, loaded, keep_fp8),
         build_vae(file, fc.VAE_PREFIX, dtype, loaded),
         build_clip(file, fc.CLIP_L_PREFIX, dtype, loaded),
         build_t5(file, fc.T5_PREFIX, dtype, loaded),
@@ -365,8 +386,10 @@ def load_split(
     vae: Path,
     dtype: torch.dtype,
     t5_tokenizer_dir: Path | None = None,
+    keep_fp8: bool = False,
 ):
-    """(pipe, info) from the split layout: a transformer, clip_l, t5xxl and ae file."""
+    """(pipe, info) from the split layout: a transformer, clip_l, t5xxl and ae file; `keep_fp8`: an
+    fp8 transformer stays fp8 in memory, computing in `dtype`."""
     files = {
         name: open_model_file(p)
         for name, p in (("transformer", transformer), ("clip_l", clip_l), ("t5", t5), ("vae", vae))
@@ -388,7 +411,7 @@ def load_split(
     tokenizer = load_t5_tokenizer(t5_tokenizer_dir)
     loaded = _Loaded()
     pipe = assemble(
-        build_transformer(files["transformer"], "", dtype, loaded),
+        build_transformer(files["transformer"], "", dtype, loaded, keep_fp8),
         build_vae(files["vae"], "", dtype, loaded),
         build_clip(files["clip_l"], "", dtype, loaded),
         build_t5(files["t5"], "", dtype, loaded),
@@ -397,7 +420,7 @@ def load_split(
     return pipe, describe_pipeline(pipe, loaded.fp8_parts, dtype)
 
 
-def load_single_file(path: Path, dtype: torch.dtype, prediction: str = "auto"):
+def load_single_file(path: Path, dtype: torch.dtype, prediction: str = "auto", keep_fp8: bool = False):
     """base_models' single-file loader signature: (pipe, family, prediction, info)."""
-    pipe, info = load_all_in_one(path, dtype)
+    pipe, info = load_all_in_one(path, dtype, keep_fp8=keep_fp8)
     return pipe, FAMILY, PREDICTION, info

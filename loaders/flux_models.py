@@ -16,6 +16,7 @@ from .attention_calls import skip_signature_lookups
 from .base_models import BaseModel, resolve_device, resolve_dtype
 from .file_stamps import source_stamp
 from .flux_files import FAMILY, PREDICTION, FluxModelError, auto_dtype, load_split, t5_tokenizer_folder
+from .memory_modes import place
 from .stamp_cache import StampCache
 
 CACHE_SIZE = 1  # a Flux pipeline is 20-30 GB at full size: one split-file model at a time
@@ -52,14 +53,16 @@ def load_flux_model(
     tokenizer = t5_tokenizer_folder(t5_tokenizer)
     paths = {"transformer": transformer, "clip_l": clip_l, "t5": t5, "vae": vae}
     stamp = _stamps(paths, tokenizer)
-    key = (*(str(p) for p in paths.values()), str(tokenizer), torch_dtype, str(dev))
+    keep_fp8 = dtype == "auto"  # 'auto': an fp8 transformer stays fp8 in memory (layerwise casting)
+    key = (*(str(p) for p in paths.values()), str(tokenizer), torch_dtype, str(dev), keep_fp8)
     # Before a load, forget every other entry (other files, a changed file, another dtype or device):
     # two full-size Flux pipelines do not fit beside each other. Handles still in use keep theirs.
     _cache.discard(lambda k, old: k != key or old != stamp)
 
     def build() -> BaseModel:
-        pipe, info = load_split(transformer, clip_l, t5, vae, torch_dtype, tokenizer)
-        pipe.to(dev)
+        pipe, info = load_split(transformer, clip_l, t5, vae, torch_dtype, tokenizer, keep_fp8)
+        placed = place(pipe, dev)  # on CUDA: all resident or offloaded, from free VRAM
+        info = f"{info}\n{placed}" if placed else info
         for model in (pipe.transformer, pipe.vae):
             skip_signature_lookups(model)
         return BaseModel(pipe, FAMILY, str(transformer), torch_dtype, dev, PREDICTION, info)

@@ -36,6 +36,7 @@ from .latents import (
     latent_output,
     to_model_space,
 )
+from .memory_modes import offloaded
 from .pipeline_handle import PipelineHandle, SamplingRun, kinds_of, materialized
 from .prompt_encoding import encode_prompt, match_lengths
 from .schedulers import make_scheduler
@@ -412,7 +413,8 @@ def run(
     base = handle.base
     kinds = kinds_of(handle.adapters)
     with materialized(handle) as pipe:
-        if not same_device(pipe.device, base.device):  # a needless pipe.to() costs 10-20 ms
+        # a needless pipe.to() costs 10-20 ms; an offloaded pipeline moves its weights itself
+        if not same_device(pipe.device, base.device) and not offloaded(pipe):
             pipe.to(base.device)
         try:
             batch = settings.batch_size if latent is None else latent.samples.shape[0]
@@ -431,7 +433,7 @@ def run(
 
                 return sample(pipe, settings, step, state.pipeline_kwargs, latent, decode)
         finally:
-            if offload_after:
+            if offload_after and not offloaded(pipe):  # offloaded: diffusers already moved it back
                 pipe.to("cpu")
                 for kind, _ in kinds:
                     moved = getattr(kind, "after_offload", None)
