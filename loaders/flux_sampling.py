@@ -263,15 +263,16 @@ def _image_to_image(pipe: FluxPipeline, x0: torch.Tensor, noise: torch.Tensor) -
 def _start(pipe: FluxPipeline, latent: LatentInput, s: FluxSettings, total: int, run_steps: int) -> _Start:
     """How to run from `latent` with KSampler's denoise: `run_steps` of a `total`-step schedule."""
     samples = latent.samples
-    x0 = torch.zeros_like(samples) if latent.is_empty else to_model_space(samples, pipe.vae.config)
-    x0, noise = pack(x0), pack(comfy_noise(s.seed, samples.shape, latent.batch_index))
+    unpacked = torch.zeros_like(samples) if latent.is_empty else to_model_space(samples, pipe.vae.config)
+    x0, noise = pack(unpacked), pack(comfy_noise(s.seed, samples.shape, latent.batch_index))
     device, dtype = pipe._execution_device, pipe.transformer.dtype
     if run_steps == total:
         # The schedule starts at sigma 1, where ComfyUI's start, sigma x noise + (1 - sigma) x latent,
         # is the noise alone.
         return _Start(pipe, {"latents": noise.to(device, dtype)}, x0, noise)
     # FluxImg2ImgPipeline skips int(total - total x strength) steps: aim half a step below the count.
-    kwargs = {"image": x0.to(device, dtype), "strength": (run_steps - 0.5) / total}
+    # Its `image` is unused (prepare_latents is ours); a 16-channel latent passes its preprocessing as is.
+    kwargs = {"image": unpacked.to(device, dtype), "strength": (run_steps - 0.5) / total}
     return _Start(_image_to_image(pipe, x0, noise), kwargs, x0, noise)
 
 
