@@ -485,13 +485,23 @@ def _flux_blocks(value: Any, block: str, count: int) -> list[tuple[str, float]]:
         return [(f"{block}.{i}", _number(v, f"{where}[{i}]")) for i, v in enumerate(value)]
     out = []
     for key, v in value.items():
-        index = int(key) if isinstance(key, int) or (isinstance(key, str) and key.isdigit()) else -1
-        if not 0 <= index < count or isinstance(key, bool):
+        index = _block_index(key)
+        if not 0 <= index < count:
             raise BlockScalesError(
                 f"Unknown block {shown(key)} in {where}; this transformer has blocks 0 .. {count - 1}."
             )
         out.append((f"{block}.{index}", _number(v, f"{where}.{index}")))
     return out
+
+
+def _block_index(key: Any) -> int:
+    """A block number given as an int or as ASCII digits (JSON keys are text); -1 for anything else.
+    Longer texts are no block number (and would meet Python's limit on int digits)."""
+    if isinstance(key, int) and not isinstance(key, bool):
+        return key
+    if isinstance(key, str) and re.fullmatch(r"[0-9]{1,6}", key):
+        return int(key)
+    return -1
 
 
 _FLUX_KEY = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)*")
@@ -516,7 +526,7 @@ def _flux_from_dict(spec: Mapping, double: int, single: int) -> BlockScales:
     per_block: list[tuple[str, float]] = []
     keys: list[tuple[str, float]] = []
     for key, v in value.items():
-        if not isinstance(key, str) or not _FLUX_KEY.fullmatch(key) or len(key) > 200:
+        if not isinstance(key, str) or len(key) > 200 or not _FLUX_KEY.fullmatch(key):
             raise BlockScalesError(f"Flux block scale key {shown(key)} is not a module name or path.")
         if key in counts and isinstance(v, (list, tuple, Mapping)):
             per_block += _flux_blocks(v, key, counts[key])

@@ -448,7 +448,11 @@ def test_flux_lbw_values_base_double_single():
         ('{"transformer": {"a b": 1}}', "not a module name"),
         ('{"transformer": 1e9}', "Block scale"),
         ("SDXL-ALL", "Unknown Flux block weight preset"),
+        ('{"transformer": {"transformer_blocks": {"' + "9" * 5000 + '": 1}}}', "Unknown block"),
+        ('{"transformer": {"transformer_blocks": {"\u00b2": 1}}}', "Unknown block"),
+        ('{"transformer": {"' + "a" * 300 + '": 1}}', "not a module name"),
     ],
+    ids=lambda value: value[:40],
 )
 def test_flux_block_weight_refusals(spec, message):
     with pytest.raises(BlockScalesError, match=message):
