@@ -24,10 +24,12 @@ from typing import Any, Mapping
 from .ip_adapter_files import IPAdapterFile, IPAdapterFormatError, check_values
 
 XLABS_PROJ = "ip_adapter_proj_model."
+# Block numbers of at most 6 digits (Flux.1 has 19 double blocks): a longer one is a damaged or hostile
+# key, refused by name before int() reads it.
 _XLABS_BLOCK = re.compile(
-    r"^double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)$"
+    r"^double_blocks\.(\d{1,6})\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)$"
 )
-_BLOCK = re.compile(r"^(\d+)\.to_([kv])_ip\.(weight|bias)$")
+_BLOCK = re.compile(r"^(\d{1,6})\.to_([kv])_ip\.(weight|bias)$")
 PROJ_KEYS = ("proj.weight", "proj.bias", "norm.weight", "norm.bias")
 _NAME = "This XLabs Flux IP-Adapter file"
 
@@ -124,8 +126,9 @@ def _blocks(ip_adapter: Mapping[str, Any], width: int) -> tuple[int, int]:
     blocks = sorted({int(_BLOCK.match(k).group(1)) for k in ip_adapter})
     if not blocks:
         raise IPAdapterFormatError(f"{_NAME} has no attention weights (double_blocks.N.processor.*).")
-    if blocks != list(range(len(blocks))):
-        gaps = sorted(set(range(blocks[-1] + 1)) - set(blocks))
+    if blocks != list(range(len(blocks))):  # the gaps are below len(blocks): no range as long as a number
+        present = set(blocks)
+        gaps = [i for i in range(len(blocks)) if i not in present]
         raise IPAdapterFormatError(
             f"{_NAME} has no weights for double block(s) {gaps[:5]}: it is incomplete."
         )

@@ -54,7 +54,7 @@ INSIGHTFACE_WIDTH = 512
 # Which encoder output the image projection takes.
 USES_HIDDEN_STATES = {"full_face", "plus", "faceid_plus"}
 # The LoRA of a FaceID file: `<processor index>.to_<q|k|v|out>_lora.<down|up>.weight`.
-_LORA_KEY = re.compile(r"^(\d+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
+_LORA_KEY = re.compile(r"^(\d{1,6})\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$")
 
 
 class IPAdapterFormatError(ValueError):
@@ -189,7 +189,8 @@ _REQUIRED = {
 
 # Which weight holds num_tokens * width rows, for the variants whose token count is read from it.
 _TOKENS_KEY = {"base": "proj.weight", "faceid": "proj.2.weight"}
-_IP_KEY = re.compile(r"^\d+\.to_[kv]_ip\.weight$")
+# At most 6 digits: a longer layer number is refused by name before int() reads it.
+_IP_KEY = re.compile(r"^\d{1,6}\.to_[kv]_ip\.weight$")
 # Dimensions of the weights the shapes are read from (Linear 2-D, LayerNorm 1-D, resampler latents 3-D).
 _NDIM = {"latents": 3, "norm.weight": 1, "proj.3.weight": 1}
 

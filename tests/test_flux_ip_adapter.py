@@ -355,3 +355,21 @@ def test_demo_files_from_devtools_apply(tiny_flux, tmp_path):
     assert "XLabs Flux IP-Adapter" in info
     assert tiny_clip_vision().config.projection_dim == adapted.adapters[0].file.image_embed_dim
     assert not torch.equal(sample(adapted), sample(handle))
+
+
+@pytest.mark.parametrize("index", [str(10**9), "9" * 5000])
+def test_huge_block_numbers_are_refused_cheaply(tiny_flux, index):
+    """A block number is not a size: no range as long as it, no int() of thousands of digits."""
+    sd = xlabs_flux_ip_adapter(tiny_flux.transformer)
+    sd[f"double_blocks.{index}.processor.ip_adapter_double_stream_k_proj.weight"] = torch.zeros(32, 32)
+    with pytest.raises(IPAdapterFormatError, match="double block|not part of it"):
+        parse_flux_ip_adapter(sd)
+
+
+def test_huge_unet_adapter_indices_are_refused(tiny_flux):
+    from comfyui_diffusers_adapters.converters.ip_adapter_files import parse_ip_adapter
+
+    sd = flatten(ip_adapter_nested(tiny_pipeline("sd1").unet, "base"))
+    sd[f"ip_adapter.{'9' * 5000}.to_k_ip.weight"] = torch.zeros(32, 32)
+    with pytest.raises(IPAdapterFormatError, match="unexpected attention keys"):
+        parse_ip_adapter(sd)
