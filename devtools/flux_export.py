@@ -147,3 +147,25 @@ def export_all_in_one(pipe: FluxPipeline, path: Path, transformer_dtype: str = "
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
+
+
+def write_random_transformer(config: dict, path: Path, dtype: str = "fp8", seed: int = 0) -> Path:
+    """A Flux transformer file in BFL's layout with random weights (std 0.02) of any size, for memory
+    benchmarks: the model is built on the meta device and each tensor drawn in its file dtype, so
+    writing a multi-GB file never holds the model in fp32."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights(include_buffers=False):
+        model = FluxTransformer2DModel(**config)
+    g = torch.Generator().manual_seed(seed)
+    target = DTYPES[dtype]
+    sd = {
+        name: (torch.randn(p.shape, generator=g, dtype=torch.bfloat16) * 0.02).to(target)
+        for name, p in model.named_parameters()
+    }
+    bfl = transformer_to_bfl(sd)
+    del sd
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in bfl.items()}, str(path))
+    return path

@@ -198,6 +198,13 @@ def build_transformer(
     return model
 
 
+def load_transformer(path: Path, dtype: torch.dtype, keep_fp8: bool = False) -> FluxTransformer2DModel:
+    """A Flux transformer file alone (BFL layout, no prefix), as Load Flux loads it."""
+    file = open_model_file(path)
+    _refuse_scaled(file, "transformer")
+    return build_transformer(file, fc.transformer_prefix(file.shapes) or "", dtype, _Loaded(), keep_fp8)
+
+
 def _clip_state(tensors: dict[str, torch.Tensor], model: torch.nn.Module, prefix: str) -> dict:
     """clip_l files keep `text_model.*` (transformers 4's layout); transformers 5's CLIPTextModel has no
     `text_model.` level. Its projection, logit scale and position ids are not part of the model."""
