@@ -28,6 +28,9 @@ SINGLE_BLOCKS = 3
 HEADS = 2
 HEAD_DIM = 16
 T5_WIDTH = 32
+# T5 v1.1's embedding rows (32128 >= its tokenizer's 32100): the tiny model also runs with the real
+# T5 tokenizer (ComfyUI's own, inside ComfyUI), not only with the tiny one built here.
+T5_VOCAB_SIZE = 32128
 CLIP_WIDTH = 64
 # Flux.1's VAE: latents = (vae latents - shift) * scale (diffusers' AutoencoderKL config of FLUX.1).
 VAE_SHIFT = 0.1159
@@ -136,7 +139,7 @@ def build_tiny_flux(variant: str = "dev", seed: int = 0) -> FluxPipeline:
             vae=seeded(_vae),
             text_encoder=seeded(lambda: CLIPTextModel(_text_config(CLIP_WIDTH, "quick_gelu"))),
             tokenizer=clip_tokenizer(),
-            text_encoder_2=seeded(lambda: T5EncoderModel(_t5_config(len(tokenizer_2)))),
+            text_encoder_2=seeded(lambda: T5EncoderModel(_t5_config(T5_VOCAB_SIZE))),
             tokenizer_2=tokenizer_2,
             transformer=seeded(lambda: _transformer(variant)),
         )
