@@ -373,3 +373,18 @@ def test_huge_unet_adapter_indices_are_refused(tiny_flux):
     sd[f"ip_adapter.{'9' * 5000}.to_k_ip.weight"] = torch.zeros(32, 32)
     with pytest.raises(IPAdapterFormatError, match="unexpected attention keys"):
         parse_ip_adapter(sd)
+
+
+def test_bf16_scale_zero_and_removal_are_exact(tiny_flux, models_root):
+    encoder = write_files(models_root, tiny_flux.transformer)
+    pipe = type(tiny_flux)(**{k: copy.deepcopy(v) for k, v in tiny_flux.components.items()})
+    pipe.to(dtype=torch.bfloat16)
+    handle = PipelineHandle(BaseModel(pipe, "flux", "tiny-flux", torch.bfloat16, torch.device("cpu"), "flow"))
+    plain = sample(handle)
+    assert torch.equal(sample(apply(handle, encoder, scale=0.0)), plain)
+    adapted = apply(handle, encoder)
+    assert not torch.equal(sample(adapted), plain)
+    with materialized(adapted) as p:
+        ip = p.transformer.attn_processors["transformer_blocks.0.attn.processor"]
+        assert ip.to_k_ip[0].weight.dtype == torch.bfloat16
+    assert torch.equal(sample(handle), plain)
