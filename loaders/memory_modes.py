@@ -23,12 +23,12 @@ from diffusers.hooks import apply_layerwise_casting_hook
 from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
 GIB = 1024**3
-# Working memory kept free beside the weights: Flux at 1024x1024 in bf16 needs well under 1 GiB of
-# activations (4608 tokens x 12288-wide MLP = 113 MB per tensor) plus one layer upcast from fp8
-# (single_blocks.linear1: 3072 x 21504 in bf16 = 132 MB); CUDA's allocator fragments, and the VAE
-# decode at 1024x1024 peaks near 1.5 GiB. 2 GiB covers these with a margin, as ComfyUI keeps ~1 GiB
-# plus its per-model estimate free.
-WORKING_RESERVE = 2 * GIB
+# Working memory kept free beside the resident weights, from ComfyUI's own estimates for Flux at
+# 1024x1024 (the size it is made for; the loader cannot know the run's size): the VAE decode is the
+# largest step, 2178 x 128 x 128 x 64 x 2 bytes = 4.3 GiB (comfy.sd.VAE's memory_used_decode in bf16);
+# sampling needs 0.9 GiB (Flux's memory_usage_factor 2.8) plus ComfyUI's 0.8 GiB minimum. One layer
+# upcast from fp8 (single_blocks.linear1, 3072 x 21504 in bf16) is 132 MB more.
+WORKING_RESERVE = int(4.5 * GIB)
 
 GPU, MODEL_OFFLOAD, SEQUENTIAL_OFFLOAD = "gpu", "model offload", "sequential offload"
 
@@ -136,6 +136,7 @@ def place(pipe: DiffusionPipeline, device: torch.device) -> str:
     if device.type != "cuda":
         pipe.to(device)
         return ""
+    torch.cuda.empty_cache()  # blocks torch holds but no tensor uses count as free
     free, _ = torch.cuda.mem_get_info(device)
     plan = choose_mode(free, pipeline_parts(pipe))
     apply_mode(pipe, plan.mode, device)
