@@ -56,7 +56,8 @@ class LoadDreamBooth:
                     ["auto", "fp16", "bf16", "fp32"],
                     {
                         "default": "auto",
-                        "tooltip": "Weight precision. auto: fp16 on a GPU (bf16 for Flux), fp32 on the CPU.",
+                        "tooltip": "Weight precision. auto: fp16 on a GPU (bf16 for Flux), fp32 on the CPU; "
+                        "a Flux fp8 checkpoint's transformer stays fp8 in memory (cast per layer).",
                     },
                 ),
                 "device": (

@@ -44,7 +44,8 @@ class LoadFlux:
     RETURN_NAMES = ("pipeline", "info", "vae")
     OUTPUT_TOOLTIPS = (
         "The pipeline: connect adapter nodes or the sampler.",
-        "Variant (dev or schnell-style), block counts, width, and which weights were fp8.",
+        "Variant (dev or schnell-style), block counts, width, fp8 storage or upcast, and on CUDA the "
+        "memory mode chosen (all on the GPU, model offload or sequential offload) with its numbers.",
         "Flux's VAE (16 channels), for the core VAE Decode / VAE Encode nodes.",
     )
     FUNCTION = "load"
@@ -82,15 +83,18 @@ class LoadFlux:
                     ["auto", "bf16", "fp16", "fp32"],
                     {
                         "default": "auto",
-                        "tooltip": "Compute precision. auto: bf16 on a GPU, fp32 on the CPU. "
-                        "fp8 files are upcast to it.",
+                        "tooltip": "Compute precision. auto: bf16 on a GPU, fp32 on the CPU, and an fp8 "
+                        "transformer stays fp8 in memory (each layer cast for its turn). bf16/fp16/fp32: fp8 "
+                        "weights are upcast to it on load (twice the memory).",
                     },
                 ),
                 "device": (
                     ["auto", "cuda", "cpu", "mps"],
                     {
                         "default": "auto",
-                        "tooltip": "Where the pipeline runs. auto: CUDA if present, else CPU.",
+                        "tooltip": "Where the pipeline runs. auto: CUDA if present, else CPU. On CUDA the "
+                        "weights stay on the GPU if they fit free VRAM with 4.5 GiB to spare, else each "
+                        "model is moved in for its turn (model offload), else one layer at a time.",
                     },
                 ),
             },
