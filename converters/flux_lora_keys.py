@@ -10,8 +10,9 @@ names, which fuse some layers, or by diffusers' `FluxTransformer2DModel` paths. 
 - `xlabs` (XLabs-AI x-flux): `double_blocks.N.processor.qkv_lora1.down.weight`, no alphas.
 - `peft` (diffusers, ai-toolkit, SimpleTuner): `transformer.transformer_blocks.N.attn.to_q.lora_A.weight`,
   alphas in the `lora_adapter_metadata` header (the SD parser's rules).
-- `onetrainer` (OneTrainer): `lora_transformer_transformer_blocks_N_attn_to_q.lora_down.weight`; its
-  OMI export `transformer.double_blocks.N.img_attn.qkv.0` (a fused layer's parts) reads as `bfl`.
+- `onetrainer` (OneTrainer): `lora_transformer_transformer_blocks_N_attn_to_q.lora_down.weight`, and
+  its OMI export: BFL names under `transformer.` with a fused layer's parts numbered
+  (`img_attn.qkv.0` is to_q, `linear1.3` proj_mlp), CLIP-L under `clip_l.`.
 - `lycoris` (LyCORIS through sd-scripts or SimpleTuner): `lora_unet_<BFL name>` or
   `lycoris_<diffusers path>` with `hada_`, `lokr_`, `diff` suffixes (any algorithm the pack has).
 
@@ -79,6 +80,7 @@ SINGLE_BLOCK = {
 }
 # OneTrainer's OMI files name the parts of a fused layer: `img_attn.qkv.0` is to_q, `linear1.3` proj_mlp.
 OMI_SPLIT = ("img_attn.qkv", "txt_attn.qkv", "linear1")
+OMI_PART = re.compile(r"\.(qkv|linear1)\.\d+$")
 # Outside the blocks
 TOP_LEVEL = {
     "img_in": "x_embedder",
@@ -199,8 +201,10 @@ class FluxNames:
                 return ([found] if found else []), naming or _kohya_naming(group)
         if stem.startswith(T5_PREFIXES):
             return [], ""
+        if stem.startswith("clip_l."):  # OneTrainer's OMI export
+            return self.clip("text_encoder." + stem[len("clip_l.") :], group)[0], "onetrainer"
         if stem.startswith(CLIP_PREFIXES):
-            return self.clip(re.sub(r"^clip_l\.", "text_encoder.", stem), group)
+            return self.clip(stem, group)
         return self._dotted(stem, group)
 
     def _dotted(self, stem: str, group) -> tuple[list[Candidate], str]:
@@ -208,7 +212,7 @@ class FluxNames:
         prefix = next(p for p in DOTTED_PREFIXES if stem.startswith(p))
         rest = stem[len(prefix) :].removeprefix(PEFT_WRAPPER)
         if rest in self.bfl:
-            return [self.bfl[rest]], "bfl"
+            return [self.bfl[rest]], "onetrainer" if OMI_PART.search(rest) else "bfl"
         if rest in self.diffusers:
             return [self.diffusers[rest]], dotted_naming(group)
         return [], ""

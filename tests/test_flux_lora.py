@@ -482,3 +482,52 @@ def test_fp8_weights_merge_in_float32_and_restore_bit_exactly(models_root, fmt):
             assert float((got.float() - want).abs().max()) <= 0.125 * float(want.abs().max()), path
     with materialized(UnloadLoRA().unload(lora_handle)[0]):
         assert_restored(transformer, before)
+
+
+def test_omi_split_names_simpletuner_lycoris_and_clip_l_prefix_map():
+    """OneTrainer's OMI export (`transformer.double_blocks.N.img_attn.qkv.0`, `linear1.3`, `clip_l.`),
+    SimpleTuner's LyCORIS (`lycoris_<diffusers path>`) and a PEFT wrapper map to single modules."""
+    pipe = fresh_flux_pipe()
+    targets = {"transformer": shapes(pipe.transformer), "text_encoder": shapes(pipe.text_encoder)}
+
+    def lora(name, rows, cols, suffix=(".lora_down.weight", ".lora_up.weight")):
+        return {name + suffix[0]: torch.ones(2, cols), name + suffix[1]: torch.ones(rows, 2)}
+
+    sd = {
+        **lora("transformer.double_blocks.0.img_attn.qkv.1", 32, 32),
+        **lora("transformer.single_blocks.2.linear1.3", 128, 32),
+        **lora("clip_l.text_model.encoder.layers.0.self_attn.q_proj", 64, 64),
+        **lora(
+            "base_model.model.transformer_blocks.1.attn.to_add_out",
+            32,
+            32,
+            (".lora_A.weight", ".lora_B.weight"),
+        ),
+        "lycoris_transformer_blocks_1_ff_net_2.lokr_w1": torch.ones(4, 8),
+        "lycoris_transformer_blocks_1_ff_net_2.lokr_w2": torch.ones(8, 16),
+    }
+    parsed = parse_flux_lora(sd, targets)
+    assert not parsed.unmatched
+    assert set(parsed.patches["transformer"]) == {
+        "transformer_blocks.0.attn.to_k",
+        "single_transformer_blocks.2.proj_mlp",
+        "transformer_blocks.1.attn.to_add_out",
+        "transformer_blocks.1.ff.net.2",
+    }
+    assert set(parsed.patches["text_encoder"]) == {"encoder.layers.0.self_attn.q_proj"}
+    assert parsed.format == "lycoris+onetrainer+peft"
+
+
+def test_a_module_named_twice_is_patched_once():
+    """A fused qkv and a diffusers-named to_q in one file: to_q is patched once, the other layer's keys
+    are reported unmatched (never both applied)."""
+    transformer = fresh_flux_pipe().transformer
+    sd = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": torch.ones(2, 32),
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(96, 2),
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(2, 32),
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(32, 2),
+    }
+    parsed = parse_flux_lora(sd, {"transformer": shapes(transformer)})
+    assert len(parsed.patches["transformer"]) in (1, 3)
+    assert len(parsed.unmatched) == 2
