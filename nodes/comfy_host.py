@@ -468,13 +468,31 @@ def _comfy_vae(base: Any) -> Any:
         "attn_resolutions": [],
         "dropout": 0.0,
     }
+    state.update(_identity_quant_convs(state, c.latent_channels))
     try:
-        return comfy.sd.VAE(
-            sd=state, config={"params": {"ddconfig": ddconfig, "embed_dim": c.latent_channels}}
-        )
+        config = {"params": {"ddconfig": ddconfig, "embed_dim": c.latent_channels}}
+        vae = comfy.sd.VAE(sd=state, config=config)
+        vae.latent_channels = c.latent_channels  # the config path leaves SD's 4 (Flux's VAE has 16)
+        return vae
     except (RuntimeError, ValueError, KeyError) as e:
         log.warning("ComfyUI's VAE class cannot hold this VAE (%s); using the pipeline's own.", str(e)[:200])
         return DiffusersVAE(module, base.lock)
+
+
+def _identity_quant_convs(state: dict, channels: int) -> dict:
+    """1x1 identity convs for a VAE without quant convs (Flux's), which ComfyUI's config path always
+    builds: without weights they would stay randomly initialised. x * 1 + 0 keeps every value."""
+    if "quant_conv.weight" in state:
+        return {}
+    import torch
+
+    eye = torch.eye(channels).reshape(channels, channels, 1, 1)
+    return {
+        "quant_conv.weight": torch.eye(2 * channels).reshape(2 * channels, 2 * channels, 1, 1),
+        "quant_conv.bias": torch.zeros(2 * channels),
+        "post_quant_conv.weight": eye,
+        "post_quant_conv.bias": torch.zeros(channels),
+    }
 
 
 # ---------------------------------------------------------------- devices and memory
