@@ -56,6 +56,19 @@ scales" (every layer 1.0).
      SDXL-LyC (21 values) presets, whose vectors count the block groups present in the LoRA file
      (Inspire assigns them in order) rather than fixed blocks, and the FLUX presets.
 
+3. Flux.1 (family "flux"), both notations on the transformer's double and single blocks:
+   - diffusers' `set_adapters` dict: {"transformer": number or {key: scale, ...}, "text_encoder":
+     number (CLIP-L)}. As diffusers does for Flux (`get_module_weight`), the first key naming a
+     module gives its scale and modules no key names get 1.0; a key names a module when it is whole
+     dot-separated names of its path ("transformer_blocks.3", "single_transformer_blocks",
+     "attn.to_q"), where diffusers matches any substring (so its "transformer_blocks" also catches
+     every single block). "transformer_blocks" / "single_transformer_blocks" may also hold one scale
+     per block, as a list or a dict by block index. T5 ("text_encoder_2") takes no LoRA: an error.
+   - LoRA Block Weight lines as the ComfyUI LBW packs write them for Flux (FLUX-ALL): BASE (CLIP-L),
+     then one value per double block, then one per single block (1 + 19 + 38 = 58 for Flux.1; the
+     count follows the transformer's config for other sizes); layers outside the blocks keep 1.0.
+     Presets: FLUX-ALL / ALL (all 1), FLUX-NONE / NONE (all 0).
+
 The UNet layout: per-layer lists and the SGM numbering depend on `layers_per_block` and the number
 of levels. Both default to the real models of `family` (SD1.x/SD2.x: 4 levels, SDXL: 3; 2 layers per
 block); pass the UNet's config (`unet.config`, or any mapping with "layers_per_block" and
