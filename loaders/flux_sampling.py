@@ -36,6 +36,7 @@ from diffusers import FluxImg2ImgPipeline, FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.utils.torch_utils import get_module_execution_device
 
+from .denoised import DenoisedEstimate
 from .latents import (
     LatentInput,
     comfy_noise,
@@ -337,9 +338,11 @@ def sample_flux(
         return images, latent_output(latent.samples, given)
     start = _start(pipe, latent, s, total, run_steps)
 
+    estimate: list[DenoisedEstimate] = []  # the run's scheduler's x0, for previews as ComfyUI's
+
     def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
         if on_step is not None:
-            on_step(step + 1, unpack(tensors["latents"], height, width))
+            on_step(step + 1, unpack(estimate[0].or_latents(tensors["latents"]), height, width))
         return tensors
 
     if latent.noise_mask is not None:
@@ -348,6 +351,7 @@ def sample_flux(
     original = runner.scheduler
     # A fresh scheduler: the run sets its timesteps and begin index, the shared one stays untouched.
     runner.scheduler = type(original).from_config(original.config)
+    estimate.append(DenoisedEstimate(runner.scheduler))
     scale = pipe.vae_scale_factor
     try:
         tokens = runner(

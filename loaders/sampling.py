@@ -25,6 +25,7 @@ from diffusers import (
 )
 
 from .base_models import same_device
+from .denoised import DenoisedEstimate
 from .flux_sampling import PREVIEW_FACTORS as FLUX_PREVIEW_FACTORS
 from .flux_sampling import is_flux, sample_flux
 from .latents import (
@@ -350,10 +351,11 @@ def sample(
         return Sampled(images, latent_output(latent.samples, latent))
     scheduler = make_scheduler(s.sampler_name, s.scheduler, dict(pipe.scheduler.config))
     conditioning, masks = _conditioning(pipe, s)
+    denoised = DenoisedEstimate(scheduler)  # previews show x0, as ComfyUI's samplers do
 
     def step_end(_pipe, step: int, _timestep, tensors: dict) -> dict:
         if on_step is not None:
-            on_step(step + 1, tensors["latents"])
+            on_step(step + 1, denoised.or_latents(tensors["latents"]))
         return tensors
 
     runner = pipe
