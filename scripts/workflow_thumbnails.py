@@ -39,6 +39,9 @@ LINK_COLOURS = {
 }
 # Titles for the caption (the browser shows custom node templates under their file names).
 CAPTIONS = {
+    "flux_ip_adapter": "Flux.1 with the XLabs IP-Adapter",
+    "flux_lora_stack": "Flux.1 with three LoRAs",
+    "flux_text_to_image": "Flux.1 text to image",
     "hires_fix": "Hires fix: latent upscale and a second pass",
     "img2img": "Image to image with a LoRA",
     "inpainting": "Inpainting with a painted mask",

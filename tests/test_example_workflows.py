@@ -3,18 +3,26 @@
 Each model file a workflow names is written in that file's real format under that name (a tiny
 SD1.x single-file checkpoint, a Kohya LoRA, a LyCORIS LoCon written by lycoris-lora, A1111 and
 diffusers embeddings, an IP-Adapter and an open_clip-layout image encoder, a reference image); the
-sampler runs 2 steps at 64x64. A workflow whose files are not listed here fails the test, so a new
-example cannot go untested.
+sampler runs 2 steps at 64x64. A workflow with Load Flux gets the tiny Flux.1-dev as split files
+(BFL transformer, clip_l, t5xxl, ae; devtools/flux_export.py), the tiny T5 tokenizer, and its LoRAs
+and IP-Adapter in Flux layouts (the format its file name implies: ai-toolkit's PEFT, XLabs, LyCORIS
+LoKr, else Kohya). A workflow whose files are not listed here fails the test, so a new example
+cannot go untested.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from embedding_files_lib import random_vectors, write_a1111_pt, write_diffusers_safetensors
+from flux_lora_fixtures import kohya_flux, lycoris_flux, peft_file
+from flux_lora_fixtures import xlabs as xlabs_lora
 from insightface_lib import face_image, write_faceid, write_insightface_models
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
 from lora_fixtures import write_kohya
@@ -22,9 +30,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from test_lora_references import write_lycoris
 
+from comfyui_diffusers_adapters.devtools.flux_export import export_split
+from comfyui_diffusers_adapters.devtools.tiny_flux import build_tiny_flux, save_t5_tokenizer
+from comfyui_diffusers_adapters.devtools.tiny_flux_ip_adapter import tiny_clip_vision, xlabs_flux_ip_adapter
 from comfyui_diffusers_adapters.headless.demo import write_demo_checkpoint
 from comfyui_diffusers_adapters.headless.runner import WorkflowRunner
 from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
+from comfyui_diffusers_adapters.loaders import base_models, flux_files, flux_models
 from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, comfy_host
 from comfyui_diffusers_adapters.nodes.common import node_id
 from testlib import tiny_pipeline
@@ -36,18 +48,72 @@ WIDTH = tiny_pipeline("sd1").text_encoder.config.hidden_size
 LBW_ON_TINY = {"OUTALL": '{"unet": {"down": 0, "mid": 0, "up": 1}}'}
 
 
-def _checkpoint(root: Path, name: str, tmp: Path) -> None:
+def _checkpoint(root: Path, name: str, tmp: Path, flux: bool) -> None:
     (root / "checkpoints" / name).write_bytes(write_demo_checkpoint(tmp / "scratch").read_bytes())
 
 
-def _lora(root: Path, name: str, tmp: Path) -> None:
-    if "lycoris" in name or "locon" in name:
+@functools.lru_cache(maxsize=1)
+def tiny_flux():
+    """The tiny Flux.1-dev every Flux example gets (its files, LoRAs and IP-Adapter fit it)."""
+    return build_tiny_flux("dev", seed=0)
+
+
+def _flux_part(part: str, folder: str):
+    """A writer of one of Load Flux's four files: the tiny Flux exported once per test, copied under
+    the workflow's name into the node's folder."""
+
+    def write(root: Path, name: str, tmp: Path, flux: bool) -> None:
+        exported = tmp / "flux_export"
+        if not exported.is_dir():
+            export_split(tiny_flux(), exported)
+        shutil.copyfile(_FLUX_EXPORT_NAMES[part](exported), root / folder / name)
+
+    return write
+
+
+_FLUX_EXPORT_NAMES = {
+    "transformer": lambda d: d / "flux_transformer_fp32.safetensors",
+    "clip_l": lambda d: d / "clip_l.safetensors",
+    "t5": lambda d: d / "t5xxl_fp32.safetensors",
+    "vae": lambda d: d / "ae.safetensors",
+}
+
+
+def flux_lora_format(name: str) -> str:
+    """The trainer format a Flux LoRA's file name implies, as people name them."""
+    if re.search(r"lokr|lycoris", name):
+        return "lycoris_lokr"
+    if re.search(r"xlabs|realism_lora", name):
+        return "xlabs"
+    if re.search(r"peft|ai.toolkit|my_first_flux_lora", name):
+        return "peft"
+    return "kohya"
+
+
+def _flux_lora(root: Path, name: str) -> None:
+    transformer, metadata = tiny_flux().transformer, None
+    kind = flux_lora_format(name)
+    if kind == "lycoris_lokr":
+        sd, _ = lycoris_flux(transformer, "lokr")
+    elif kind == "xlabs":
+        sd, _ = xlabs_lora(transformer)
+    elif kind == "peft":
+        sd, _, metadata = peft_file(transformer)
+    else:
+        sd, _ = kohya_flux(transformer)
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "loras" / name), metadata=metadata)
+
+
+def _lora(root: Path, name: str, tmp: Path, flux: bool) -> None:
+    if flux:
+        _flux_lora(root, name)
+    elif "lycoris" in name or "locon" in name:
         write_lycoris(root, tmp, "sd1", "locon", name=name)
     else:
         write_kohya(root, name)
 
 
-def _embedding(root: Path, name: str, tmp: Path) -> None:
+def _embedding(root: Path, name: str, tmp: Path, flux: bool = False) -> None:
     path = root / "embeddings" / name
     if path.suffix == ".pt":
         write_a1111_pt(path, path.stem, random_vectors(2, WIDTH))
@@ -55,7 +121,11 @@ def _embedding(root: Path, name: str, tmp: Path) -> None:
         write_diffusers_safetensors(path, path.stem, random_vectors(3, WIDTH, seed=1))
 
 
-def _ip_adapter(root: Path, name: str, tmp: Path) -> None:
+def _ip_adapter(root: Path, name: str, tmp: Path, flux: bool) -> None:
+    if flux:  # XLabs' Flux IP-Adapter layout
+        sd = xlabs_flux_ip_adapter(tiny_flux().transformer)
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(root / "ipadapter" / name))
+        return
     if "faceid" in name:
         write_faceid(root, name, "sd1", "faceid_plus" if "plus" in name else "faceid")
         return
@@ -64,12 +134,16 @@ def _ip_adapter(root: Path, name: str, tmp: Path) -> None:
     save_file(flatten(nested), str(root / "ipadapter" / name))
 
 
-def _clip_vision(root: Path, name: str, tmp: Path) -> None:
+def _clip_vision(root: Path, name: str, tmp: Path, flux: bool) -> None:
+    if flux:  # the tiny ViT-L/14-shaped encoder the tiny XLabs adapter reads (transformers layout)
+        state = {k: v.contiguous() for k, v in tiny_clip_vision().state_dict().items()}
+        save_file(state, str(root / "clip_vision" / name))
+        return
     _, open_clip_file, _ = write_vision_files(tmp / "vision")
     (root / "clip_vision" / name).write_bytes(open_clip_file.read_bytes())
 
 
-def _insightface(root: Path, name: str, tmp: Path) -> None:
+def _insightface(root: Path, name: str, tmp: Path, flux: bool) -> None:
     write_insightface_models(root / "insightface", name)
 
 
@@ -89,6 +163,12 @@ FILE_WIDGETS = {
     node_id("LoadTextualInversion"): [(0, _embedding)],
     node_id("ApplyIPAdapter"): [(0, _ip_adapter), (1, _clip_vision)],
     node_id("FaceIDEmbed"): [(0, _insightface)],
+    node_id("LoadFlux"): [
+        (0, _flux_part("transformer", "diffusion_models")),
+        (1, _flux_part("clip_l", "text_encoders")),
+        (2, _flux_part("t5", "text_encoders")),
+        (3, _flux_part("vae", "vae")),
+    ],
 }
 
 
@@ -97,13 +177,18 @@ def _prompt_embeddings(text: str) -> list[str]:
     return [w.split("embedding:", 1)[1].split(":")[0].strip("()") for w in text.split() if "embedding:" in w]
 
 
+def is_flux(workflow: dict) -> bool:
+    return any(n["type"] == node_id("LoadFlux") for n in workflow["nodes"])
+
+
 def prepare(workflow: dict, root: Path, tmp: Path) -> None:
     """Write every file the workflow names, and make the sampler quick."""
     has_faces = any(n["type"] == node_id("FaceIDEmbed") for n in workflow["nodes"])
+    flux = is_flux(workflow)
     for node in workflow["nodes"]:
         values = node.get("widgets_values") or []
         for index, writer in FILE_WIDGETS.get(node["type"], []):
-            writer(root, values[index], tmp)
+            writer(root, values[index], tmp, flux)
         if node["type"] == node_id("LoadLoRA") and values[4] in LBW_ON_TINY:
             values[4] = LBW_ON_TINY[values[4]]
         if node["type"] == "LoadImage":
@@ -114,8 +199,17 @@ def prepare(workflow: dict, root: Path, tmp: Path) -> None:
                 _embedding(root, name + ".pt", tmp)
 
 
+@pytest.fixture
+def flux_tokenizer(monkeypatch, tmp_path):
+    """The tiny T5 tokenizer for Load Flux outside ComfyUI; Flux models are dropped afterwards."""
+    monkeypatch.setenv(flux_files.T5_TOKENIZER_ENV, str(save_t5_tokenizer(tmp_path / "t5_tokenizer")))
+    yield
+    flux_models.clear_cache()
+    base_models.clear_cache()
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.json")))
-def test_example_workflow_runs_end_to_end(models_root, tmp_path, example):
+def test_example_workflow_runs_end_to_end(models_root, tmp_path, flux_tokenizer, example):
     workflow = json.loads((EXAMPLES / example).read_text(encoding="utf-8"))
     core = {"LoadImage", "SaveImage", "PreviewImage", "Note", "VAEDecode", "VAEEncode", "VAEEncodeForInpaint"}
     known = set(FILE_WIDGETS) | {node_id("Sampler"), node_id("LatentSampler"), "LatentUpscaleBy"} | core
@@ -136,3 +230,22 @@ def test_example_workflow_runs_end_to_end(models_root, tmp_path, example):
     else:
         size = (64, 64)
     assert image.shape == (*size, 3) and image.std() > 0
+    if is_flux(workflow):
+        assert_flux_adapters(workflow, results)
+
+
+FORMAT_INFO = {"lycoris_lokr": "lycoris format", "xlabs": "xlabs format", "peft": "peft format"}
+
+
+def assert_flux_adapters(workflow: dict, results: dict) -> None:
+    """On Flux, each LoRA was read in the format its name implies and the IP-Adapter as XLabs'."""
+    for node in workflow["nodes"]:
+        info = " ".join(
+            (results.get(node["id"]) or results.get(str(node["id"])) or {}).get("ui", {}).get("text", [])
+        )
+        name = (node.get("widgets_values") or [""])[0]
+        if node["type"] == node_id("LoadLoRA"):
+            wanted = FORMAT_INFO.get(flux_lora_format(name), "kohya-flux format")
+            assert f"{name}: {wanted}" in info and "Flux.1" in info, info
+        elif node["type"] == node_id("ApplyIPAdapter"):
+            assert "XLabs Flux IP-Adapter" in info, info

@@ -42,9 +42,11 @@ from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 NAMES = sorted(p.name for p in EXAMPLES.glob("*.json"))
 CLASSES = {**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
-# Combos listing model or input files: each ComfyUI install has its own files, so any name is fine.
+# Combos listing model or input files: each ComfyUI install has its own files, so any name is fine
+# (Load Flux's four: transformer, clip_l, t5, vae).
 FILE_COMBOS = frozenset(
     {"checkpoint", "lora_name", "embedding", "ipadapter", "clip_vision", "insightface_model", "image"}
+    | {"transformer", "clip_l", "t5", "vae"}
 )
 
 
