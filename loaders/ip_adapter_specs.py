@@ -128,7 +128,7 @@ def read_ip_adapter(path: Path, name: str) -> IPAdapterFile:
 def _check_fits(adapter: IPAdapterFile, base: BaseModel, name: str) -> None:
     flux_file, flux_model = adapter.variant == "flux", base.layout.denoiser == "transformer"
     if flux_file != flux_model or (adapter.family and adapter.family != base.family):
-        made = FAMILY_NAMES.get(adapter.family, "a UNet model (SD1.x / SDXL)")
+        made = FAMILY_NAMES.get(adapter.family, "a UNet model (SD1.x/SDXL)")
         hint = (
             " Use an SD IP-Adapter and its image encoder with SD models."
             if flux_file
@@ -137,7 +137,7 @@ def _check_fits(adapter: IPAdapterFile, base: BaseModel, name: str) -> None:
             else ""
         )
         raise IPAdapterFormatError(
-            f"{name} is an IP-Adapter for {made} ({adapter.variant_name}), but the pipeline is "
+            f"{name} is an {adapter.variant_name} file for {made}, but the pipeline is "
             f"{base.family_name}.{hint}"
         )
     try:
