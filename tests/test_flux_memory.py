@@ -263,3 +263,18 @@ def test_offloaded_pipeline_samples_the_same_image_with_a_lora(models_root, file
     assert torch.equal(run(UnloadLoRA().unload(lora)[0], settings()).images, want)
     for key, value in base.pipe.transformer.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_the_sampler_leaves_an_offloaded_pipeline_where_diffusers_puts_it(files, monkeypatch):
+    """pipe.to() on an offloaded pipeline loads every part on the GPU (diffusers only warns): the
+    sampler skips its move to the model's device and its offload_after move to the CPU."""
+    from comfyui_diffusers_adapters.loaders import sampling
+
+    base = load(files, "auto")
+    memory_modes.apply_mode(base.pipe, MODEL_OFFLOAD, torch.device("cpu"))
+    moves = []
+    monkeypatch.setattr(sampling, "same_device", lambda a, b: False)  # as if it sat elsewhere
+    monkeypatch.setattr(type(base.pipe), "to", lambda self, *a, **k: moves.append((a, k)) or self)
+    run(PipelineHandle(base), settings(steps=1), offload_after=True)
+    # diffusers' own re-arming of the offload hooks after each call moves it with this keyword
+    assert [a for a, k in moves if "silence_dtype_warnings" not in k] == []
