@@ -22,6 +22,9 @@ import re
 from typing import Any, Mapping
 
 from .ip_adapter_files import IPAdapterFile, IPAdapterFormatError, check_values
+from .ip_adapter_scales import MAX_TEXT_CHARS, MAX_VALUE, IPAdapterScaleError
+from .json_text import JsonTextError, parse_bounded_json
+from .numbers import bounded_number
 
 XLABS_PROJ = "ip_adapter_proj_model."
 # Block numbers of at most 6 digits (Flux.1 has 19 double blocks): a longer one is a damaged or hostile
@@ -187,3 +190,30 @@ def check_flux_transformer(f: IPAdapterFile, double_blocks: int, token_width: in
             f"This Flux IP-Adapter makes {f.cross_attention_dim}-wide image tokens, but this model's text "
             f"tokens are {token_width} wide: it was made for another Flux model."
         )
+
+
+def parse_flux_block_scales(text: str, double_blocks: int) -> list[float] | None:
+    """The Flux IP-Adapter's block_scales: empty (None: every double block at the node's scale) or a
+    JSON list of one multiplier per double block, the per-layer list diffusers'
+    `FluxIPAdapterMixin.set_ip_adapter_scale` takes (e.g. [0, 0.5, 1, ...] for 19 blocks). Bounded as
+    the UNet form: MAX_TEXT_CHARS characters, values within MAX_VALUE."""
+    text = (text or "") if len(text or "") > MAX_TEXT_CHARS else (text or "").strip()
+    if not text:
+        return None
+    hint = f"For Flux, block_scales is empty or a JSON list of {double_blocks} numbers, one per double block."
+    if len(text) > MAX_TEXT_CHARS:
+        raise IPAdapterScaleError(
+            f"block_scales has {len(text)} characters (at most {MAX_TEXT_CHARS}). {hint}"
+        )
+    try:
+        values = parse_bounded_json(text, "block_scales", max_chars=MAX_TEXT_CHARS, max_depth=2)
+    except JsonTextError as e:
+        raise IPAdapterScaleError(f"{e} {hint}") from None
+    if not isinstance(values, list) or len(values) != double_blocks:
+        count = f"{len(values)} values" if isinstance(values, list) else "not a list"
+        raise IPAdapterScaleError(
+            f"block_scales is {count}; this Flux model has {double_blocks} double blocks. {hint}"
+        )
+    return [
+        bounded_number(v, f"block_scales[{i}]", MAX_VALUE, IPAdapterScaleError) for i, v in enumerate(values)
+    ]

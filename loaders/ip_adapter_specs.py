@@ -16,6 +16,7 @@ from ..converters.families import FAMILY_NAMES
 from ..converters.flux_ip_adapter_files import (
     check_flux_transformer,
     is_flux_ip_adapter,
+    parse_flux_block_scales,
     parse_flux_ip_adapter,
 )
 from ..converters.ip_adapter_embeds import COMBINE_EMBEDS, combine_embeds
@@ -152,15 +153,11 @@ def _check_fits(adapter: IPAdapterFile, base: BaseModel, name: str) -> None:
         raise IPAdapterFormatError(f"{name}: {e}") from None
 
 
-def _block_scales(adapter: IPAdapterFile, base: BaseModel, text: str) -> dict | None:
-    """The block_scales dict of a UNet adapter; the Flux IP-Adapter takes one scale (refused otherwise)."""
+def _block_scales(adapter: IPAdapterFile, base: BaseModel, text: str) -> dict | list | None:
+    """The block_scales of a UNet adapter (a dict or preset), or of the Flux IP-Adapter (a list, one
+    value per double block); None for every block at the node's scale."""
     if adapter.variant == "flux":
-        if text and text.strip():
-            raise IPAdapterFormatError(
-                "block_scales addresses the blocks of an SD/SDXL UNet; the Flux IP-Adapter takes one scale "
-                "for all its double blocks: leave block_scales empty."
-            )
-        return None
+        return parse_flux_block_scales(text, base.layout.unet_config["num_layers"])
     return parse_ip_adapter_block_scales(text, base.layout.attention.blocks, base.family_name)
 
 

@@ -90,7 +90,8 @@ class ApplyIPAdapter:
                         "tooltip": "Optional per-block scales, multiplied by scale: an InstantStyle preset "
                         "for SDXL (style, composition, style and composition) or a diffusers "
                         'set_ip_adapter_scale dict as JSON, e.g. {"up": {"block_0": [0.0, 1.0, 0.0]}}. '
-                        "Blocks not named get 0. SD/SDXL only: leave empty for Flux.",
+                        "Blocks not named get 0. Flux: a JSON list with one value per double block "
+                        "(19 for Flux.1), e.g. [0, 0, 1, ...].",
                     },
                 ),
                 "lora_strength": (

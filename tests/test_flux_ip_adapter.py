@@ -235,8 +235,6 @@ def test_wrong_family_block_count_and_encoder_are_refused(tiny_flux, models_root
     save_file(wide, str(ipadapter / "wide.safetensors"))
     with pytest.raises(IPAdapterFormatError, match="ViT-L/14"):
         apply(flux_handle(tiny_flux), encoder, name="wide.safetensors")
-    with pytest.raises(IPAdapterFormatError, match="block_scales"):
-        apply(flux_handle(tiny_flux), encoder, block_scales="style")
 
 
 @pytest.mark.parametrize(
@@ -388,3 +386,26 @@ def test_bf16_scale_zero_and_removal_are_exact(tiny_flux, models_root):
         ip = p.transformer.attn_processors["transformer_blocks.0.attn.processor"]
         assert ip.to_k_ip[0].weight.dtype == torch.bfloat16
     assert torch.equal(sample(handle), plain)
+
+
+@pytest.mark.slow
+def test_block_scales_list_equals_diffusers_per_block_scales(tiny_flux, models_root):
+    """One multiplier per double block: diffusers' set_ip_adapter_scale with a per-layer list."""
+    from comfyui_diffusers_adapters.converters.ip_adapter_scales import IPAdapterScaleError
+
+    encoder = write_files(models_root, tiny_flux.transformer)
+    handle = flux_handle(tiny_flux)
+    ours = sample(apply(handle, encoder, 0.8, block_scales="[1.0, 0.25]"))
+    theirs = diffusers_reference(tiny_flux, models_root, encoder, [0.8, 0.2])
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert not torch.equal(ours, sample(apply(handle, encoder, 0.8)))
+    assert torch.equal(sample(apply(handle, encoder, 0.8, block_scales="[0, 0]")), sample(handle))
+    for text, message in [
+        ("style", "JSON list of 2 numbers"),
+        ("[1, 1, 1]", "3 values; this Flux model has 2 double blocks"),
+        ('{"up": 1}', "not a list"),
+        ("[1, 1e308]", r"block_scales\[1\] must be a finite number between -5 and 5"),
+        ("[1, true]", r"block_scales\[1\] must be a number"),
+    ]:
+        with pytest.raises(IPAdapterScaleError, match=message):
+            apply(handle, encoder, block_scales=text)
