@@ -389,11 +389,11 @@ def _load(
     else:
         pipe, family, pred, info = loader(path, torch_dtype, "auto" if flux else prediction)
     pred = flux_files.PREDICTION if flux else pred
+    pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))  # before placing: offload hooks hold modules
     if flux:  # Flux is 20-30 GB at full size: on CUDA, offload chosen from free VRAM (memory_modes)
         info = "\n".join(line for line in (info, place(pipe, dev)) if line)
     else:
         pipe.to(dev)
-    pipe.vae.to(dtype=vae_dtype(family, torch_dtype, dev))
     for model in (getattr(pipe, "unet", None) or pipe.transformer, pipe.vae):
         skip_signature_lookups(model)
     return BaseModel(pipe, family, str(path), torch_dtype, dev, pred, info)
