@@ -1,28 +1,49 @@
-"""The demo: build small built-in models into a temporary models root and run an example workflow
-end to end with the same node classes ComfyUI uses. The models have random weights, so the
-image shows noise-like patterns: the point is the whole chain working, offline, in seconds."""
+"""The demo: build small built-in models into a temporary models root and run example workflows
+end to end with the same node classes ComfyUI uses: an SD1.x checkpoint with a LoRA, and a tiny
+Flux.1-dev as the split files Flux users have (transformer, clip_l, t5xxl, ae) with a stack of Flux
+LoRAs in three trainers' formats. The models have random weights, so the images show noise-like
+patterns: the point is the whole chain working, offline, in seconds."""
 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ..devtools.flux_export import export_split
 from ..devtools.ldm_export import to_ldm_checkpoint
+from ..devtools.tiny_flux import build_tiny_flux, save_t5_tokenizer
+from ..devtools.tiny_flux_loras import write_tiny_flux_lora
 from ..devtools.tiny_pipelines import build_tiny_pipeline
+from ..loaders.flux_files import T5_TOKENIZER_ENV
 from ..nodes import NODE_CLASS_MAPPINGS, comfy_host
 from ..nodes.common import node_id
 from .runner import WorkflowRunner
 from .standin_nodes import STANDIN_NODE_CLASS_MAPPINGS, image_path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-DEMO_WORKFLOWS = ("text_to_image.json", "lora_single.json")
+DEMO_WORKFLOWS = ("text_to_image.json", "lora_single.json", "flux_text_to_image.json", "flux_lora_stack.json")
 DEMO_CHECKPOINT = "tiny-sd15-demo.safetensors"
 DEMO_LORA = "my_style_lora.safetensors"  # the name lora_single.json uses
+# Load Flux's four files: (models folder, demo file name), in the node's widget order.
+DEMO_FLUX_FILES = (
+    ("diffusion_models", "tiny-flux1-dev-demo.safetensors"),
+    ("text_encoders", "tiny_clip_l.safetensors"),
+    ("text_encoders", "tiny_t5xxl_fp16.safetensors"),
+    ("vae", "tiny_ae.safetensors"),
+)
+# The LoRAs flux_lora_stack.json names, each in the format its name stands for.
+DEMO_FLUX_LORAS = {
+    "my_first_flux_lora_v1.safetensors": "peft",  # ai-toolkit's default name
+    "realism_lora.safetensors": "xlabs",  # XLabs-AI/flux-lora-collection
+    "flux_style_lokr.safetensors": "lokr",  # LyCORIS LoKr
+}
 
 
 def write_demo_checkpoint(models_root: Path) -> Path:
@@ -63,12 +84,43 @@ def write_demo_lora(models_root: Path, rank: int = 4) -> Path:
     return path
 
 
+def write_demo_flux(models_root: Path, tokenizer_folder: Path) -> None:
+    """The tiny Flux.1-dev as split files under DEMO_FLUX_FILES' names (fp16 T5, as t5xxl_fp16 ships),
+    its T5 tokenizer in `tokenizer_folder`, and the LoRAs of DEMO_FLUX_LORAS."""
+    pipe = build_tiny_flux("dev", seed=0)
+    exported = export_split(pipe, models_root / "flux_export", text_dtype="fp16")
+    for (folder, name), part in zip(DEMO_FLUX_FILES, ("transformer", "clip_l", "t5", "vae")):
+        (models_root / folder).mkdir(parents=True, exist_ok=True)
+        exported[part].replace(models_root / folder / name)
+    (models_root / "flux_export").rmdir()
+    for name, kind in DEMO_FLUX_LORAS.items():
+        write_tiny_flux_lora(models_root / "loras" / name, pipe.transformer, kind)
+    save_t5_tokenizer(tokenizer_folder)
+
+
+@contextmanager
+def t5_tokenizer_env(folder: Path):
+    """Load Flux reads the T5 tokenizer folder from the environment outside ComfyUI: set it for the
+    demo's run only, and put back what was there."""
+    before = os.environ.get(T5_TOKENIZER_ENV)
+    os.environ[T5_TOKENIZER_ENV] = str(folder)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(T5_TOKENIZER_ENV, None)
+        else:
+            os.environ[T5_TOKENIZER_ENV] = before
+
+
 def demo_workflow(size: int = 256, steps: int = 20, name: str = DEMO_WORKFLOWS[0]) -> dict:
-    """An example workflow (UI format, as the editor saves it) pointed at the demo checkpoint."""
+    """An example workflow (UI format, as the editor saves it) pointed at the demo models."""
     workflow = json.loads((PACK_ROOT / "example_workflows" / name).read_text(encoding="utf-8"))
     for node in workflow["nodes"]:
         if node["type"] == node_id("LoadDreamBooth"):
             node["widgets_values"][0] = DEMO_CHECKPOINT
+        elif node["type"] == node_id("LoadFlux"):
+            node["widgets_values"][:4] = [name for _, name in DEMO_FLUX_FILES]
         elif node["type"] == node_id("Sampler"):
             values = node["widgets_values"]
             values[4], values[6], values[7] = steps, size, size  # steps, width, height
@@ -83,13 +135,18 @@ def run_demo(output_dir: Path, size: int = 256, steps: int = 20) -> list[Path]:
         started = time.perf_counter()
         write_demo_checkpoint(models_root)
         write_demo_lora(models_root)
+        write_demo_flux(models_root, Path(tmp) / "t5_tokenizer")
         comfy_host.set_models_root(models_root)
         comfy_host.set_io_directories(Path(tmp) / "input", output_dir)
         runner = WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
         paths = []
-        for name in DEMO_WORKFLOWS:
-            results = runner.run(demo_workflow(size, steps, name))
-            paths += [image_path(e) for r in results.values() for e in (r.get("ui") or {}).get("images", [])]
+        with t5_tokenizer_env(Path(tmp) / "t5_tokenizer"):
+            for name in DEMO_WORKFLOWS:
+                run_started = time.perf_counter()
+                results = runner.run(demo_workflow(size, steps, name))
+                print(f"demo: {name} ran in {time.perf_counter() - run_started:.1f} s")
+                images = [e for r in results.values() for e in (r.get("ui") or {}).get("images", [])]
+                paths += [image_path(e) for e in images]
         elapsed = time.perf_counter() - started
         print(f"demo: ran {', '.join(DEMO_WORKFLOWS)} on tiny built-in models in {elapsed:.1f} s")
     return paths

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from embedding_files_lib import random_vectors, write_a1111_pt, write_diffusers_safetensors
-from flux_lora_fixtures import kohya_flux, lycoris_flux, peft_file
+from flux_lora_fixtures import flux_handle, kohya_flux, lycoris_flux, peft_file
 from flux_lora_fixtures import xlabs as xlabs_lora
 from insightface_lib import face_image, write_faceid, write_insightface_models
 from ip_adapter_lib import flatten, ip_adapter_nested, write_vision_files
@@ -33,12 +35,17 @@ from test_lora_references import write_lycoris
 from comfyui_diffusers_adapters.devtools.flux_export import export_split
 from comfyui_diffusers_adapters.devtools.tiny_flux import build_tiny_flux, save_t5_tokenizer
 from comfyui_diffusers_adapters.devtools.tiny_flux_ip_adapter import tiny_clip_vision, xlabs_flux_ip_adapter
+from comfyui_diffusers_adapters.devtools.tiny_flux_loras import FORMATS as FLUX_LORA_FORMATS
+from comfyui_diffusers_adapters.devtools.tiny_flux_loras import write_tiny_flux_lora
+from comfyui_diffusers_adapters.headless import demo
 from comfyui_diffusers_adapters.headless.demo import write_demo_checkpoint
 from comfyui_diffusers_adapters.headless.runner import WorkflowRunner
 from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
 from comfyui_diffusers_adapters.loaders import base_models, flux_files, flux_models
+from comfyui_diffusers_adapters.loaders.pipeline_handle import materialized
 from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, comfy_host
 from comfyui_diffusers_adapters.nodes.common import node_id
+from comfyui_diffusers_adapters.nodes.load_lora import LoadLoRA
 from testlib import tiny_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
@@ -249,3 +256,47 @@ def assert_flux_adapters(workflow: dict, results: dict) -> None:
             assert f"{name}: {wanted}" in info and "Flux.1" in info, info
         elif node["type"] == node_id("ApplyIPAdapter"):
             assert "XLabs Flux IP-Adapter" in info, info
+
+
+# ------------------------------------------------------------------ the demo's Flux part
+def test_demo_sets_the_t5_tokenizer_only_for_its_run(monkeypatch, tmp_path):
+    """The demo points Load Flux at its tiny tokenizer and puts the user's setting back, also when a
+    workflow fails; an unset variable stays unset."""
+    monkeypatch.setenv(flux_files.T5_TOKENIZER_ENV, "/users/own/tokenizer")
+    with pytest.raises(RuntimeError), demo.t5_tokenizer_env(tmp_path):
+        assert os.environ[flux_files.T5_TOKENIZER_ENV] == str(tmp_path)
+        raise RuntimeError("a workflow failed")
+    assert os.environ[flux_files.T5_TOKENIZER_ENV] == "/users/own/tokenizer"
+    monkeypatch.delenv(flux_files.T5_TOKENIZER_ENV)
+    with demo.t5_tokenizer_env(tmp_path):
+        assert os.environ[flux_files.T5_TOKENIZER_ENV] == str(tmp_path)
+    assert flux_files.T5_TOKENIZER_ENV not in os.environ
+
+
+def test_demo_runs_the_flux_examples_on_its_own_files():
+    names = [n for n in demo.DEMO_WORKFLOWS if n.startswith("flux_")]
+    assert names == ["flux_text_to_image.json", "flux_lora_stack.json"]
+    for name in names:
+        workflow = demo.demo_workflow(64, 2, name)
+        (loader,) = [n for n in workflow["nodes"] if n["type"] == node_id("LoadFlux")]
+        assert loader["widgets_values"][:4] == [file for _, file in demo.DEMO_FLUX_FILES]
+        loras = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == node_id("LoadLoRA")}
+        assert loras <= set(demo.DEMO_FLUX_LORAS), loras
+
+
+@pytest.mark.parametrize("kind", FLUX_LORA_FORMATS)
+def test_demo_flux_loras_load_in_their_own_format(models_root, kind):
+    """devtools' tiny Flux LoRAs (the demo's, the editor check's) are read as their trainers' format
+    and change the transformer."""
+    handle = flux_handle()
+    write_tiny_flux_lora(models_root / "loras" / f"{kind}.safetensors", handle.base.pipe.transformer, kind)
+    before = {k: v.clone() for k, v in handle.base.pipe.transformer.state_dict().items()}
+    out = LoadLoRA().load(handle, f"{kind}.safetensors", 1.0, 1.0, "unet and text encoders")
+    lora_handle, info = out["result"]
+    wanted = {"kohya": "kohya-flux", "lokr": "lycoris"}.get(kind, kind)
+    assert info.startswith(f"{kind}.safetensors: {wanted} format, Flux.1"), info
+    with materialized(lora_handle) as pipe:
+        changed = [k for k, v in pipe.transformer.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(
+        k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in changed
+    )

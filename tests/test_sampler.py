@@ -181,4 +181,5 @@ def test_runner_errors_name_the_node(models_root):
 
 def test_demo_runs_end_to_end(tmp_path):
     paths = demo.run_demo(tmp_path / "out", size=64, steps=3)
-    assert len(paths) == 2 and all(p.exists() and p.stat().st_size > 1000 for p in paths)
+    assert len(paths) == len(demo.DEMO_WORKFLOWS)  # one image each
+    assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
