@@ -409,3 +409,48 @@ def test_block_scales_list_equals_diffusers_per_block_scales(tiny_flux, models_r
     ]:
         with pytest.raises(IPAdapterScaleError, match=message):
             apply(handle, encoder, block_scales=text)
+
+
+@pytest.mark.fuzz
+def test_fuzzed_xlabs_files_raise_only_format_errors(tiny_flux):
+    """Dropped keys, changed shapes and dtypes, odd key names: a clear IPAdapterFormatError or a file
+    that reads, never another exception."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = xlabs_flux_ip_adapter(tiny_flux.transformer)
+    keys = sorted(base)
+    change = st.tuples(
+        st.sampled_from(keys),
+        st.sampled_from(["drop", "shape", "int", "rename", "nan", "scalar"]),
+        st.integers(0, 40),
+    )
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(changes=st.lists(change, max_size=4))
+    def check(changes):
+        sd = dict(base)
+        for key, what, n in changes:
+            if key not in sd:
+                continue
+            if what == "drop":
+                sd.pop(key)
+            elif what == "shape":
+                sd[key] = torch.zeros(n, 3) if n % 2 else torch.zeros(n)
+            elif what == "int":
+                sd[key] = sd[key].to(torch.int64)
+            elif what == "rename":
+                sd[key.replace("double_blocks.", f"double_blocks.{n}", 1).replace("proj.", "proj_", 1)] = (
+                    sd.pop(key)
+                )
+            elif what == "nan":
+                sd[key] = torch.full_like(sd[key], float("nan")) if sd[key].is_floating_point() else sd[key]
+            else:
+                sd[key] = torch.tensor(float(n))
+        try:
+            f = parse_flux_ip_adapter(sd)
+        except IPAdapterFormatError:
+            return
+        assert f.num_tokens >= 1 and f.hidden_size >= 1
+
+    check()
