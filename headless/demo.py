@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from ..devtools.flux_export import export_split
 from ..devtools.ldm_export import to_ldm_checkpoint
 from ..devtools.tiny_flux import build_tiny_flux, save_t5_tokenizer
+from ..devtools.tiny_flux_ip_adapter import write_tiny_flux_ip_adapter
 from ..devtools.tiny_flux_loras import write_tiny_flux_lora
 from ..devtools.tiny_pipelines import build_tiny_pipeline
 from ..loaders.flux_files import T5_TOKENIZER_ENV
@@ -28,7 +30,13 @@ from .runner import WorkflowRunner
 from .standin_nodes import STANDIN_NODE_CLASS_MAPPINGS, image_path
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
-DEMO_WORKFLOWS = ("text_to_image.json", "lora_single.json", "flux_text_to_image.json", "flux_lora_stack.json")
+DEMO_WORKFLOWS = (
+    "text_to_image.json",
+    "lora_single.json",
+    "flux_text_to_image.json",
+    "flux_lora_stack.json",
+    "flux_ip_adapter.json",
+)
 DEMO_CHECKPOINT = "tiny-sd15-demo.safetensors"
 DEMO_LORA = "my_style_lora.safetensors"  # the name lora_single.json uses
 # Load Flux's four files: (models folder, demo file name), in the node's widget order.
@@ -38,6 +46,10 @@ DEMO_FLUX_FILES = (
     ("text_encoders", "tiny_t5xxl_fp16.safetensors"),
     ("vae", "tiny_ae.safetensors"),
 )
+# Apply IP-Adapter's two files on Flux (devtools/tiny_flux_ip_adapter's names) and the reference
+# picture flux_ip_adapter.json loads from the input folder.
+DEMO_FLUX_IP_ADAPTER = ("tiny_flux_ip_adapter.safetensors", "tiny_clip_vision_l.safetensors")
+DEMO_REFERENCE = "reference.png"
 # The LoRAs flux_lora_stack.json names, each in the format its name stands for.
 DEMO_FLUX_LORAS = {
     "my_first_flux_lora_v1.safetensors": "peft",  # ai-toolkit's default name
@@ -86,7 +98,8 @@ def write_demo_lora(models_root: Path, rank: int = 4) -> Path:
 
 def write_demo_flux(models_root: Path, tokenizer_folder: Path) -> None:
     """The tiny Flux.1-dev as split files under DEMO_FLUX_FILES' names (fp16 T5, as t5xxl_fp16 ships),
-    its T5 tokenizer in `tokenizer_folder`, and the LoRAs of DEMO_FLUX_LORAS."""
+    its T5 tokenizer in `tokenizer_folder`, the LoRAs of DEMO_FLUX_LORAS and an XLabs-layout
+    IP-Adapter with its image encoder."""
     pipe = build_tiny_flux("dev", seed=0)
     exported = export_split(pipe, models_root / "flux_export", text_dtype="fp16")
     for (folder, name), part in zip(DEMO_FLUX_FILES, ("transformer", "clip_l", "t5", "vae")):
@@ -95,7 +108,20 @@ def write_demo_flux(models_root: Path, tokenizer_folder: Path) -> None:
     (models_root / "flux_export").rmdir()
     for name, kind in DEMO_FLUX_LORAS.items():
         write_tiny_flux_lora(models_root / "loras" / name, pipe.transformer, kind)
+    write_tiny_flux_ip_adapter(models_root, pipe.transformer, DEMO_FLUX_IP_ADAPTER[0])
     save_t5_tokenizer(tokenizer_folder)
+
+
+def write_demo_reference(input_dir: Path) -> Path:
+    """A reference picture for the IP-Adapter example: colour gradients with a disc (no download)."""
+    size = 96
+    y, x = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    disc = (((x - 0.6) ** 2 + (y - 0.4) ** 2) < 0.06).float()
+    pixels = torch.stack([x, y * (1 - disc) + disc, 1 - x * y], dim=-1)
+    path = Path(input_dir) / DEMO_REFERENCE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((pixels * 255).round().to(torch.uint8).numpy()).save(path)
+    return path
 
 
 @contextmanager
@@ -121,6 +147,10 @@ def demo_workflow(size: int = 256, steps: int = 20, name: str = DEMO_WORKFLOWS[0
             node["widgets_values"][0] = DEMO_CHECKPOINT
         elif node["type"] == node_id("LoadFlux"):
             node["widgets_values"][:4] = [name for _, name in DEMO_FLUX_FILES]
+        elif node["type"] == node_id("ApplyIPAdapter"):
+            node["widgets_values"][:2] = list(DEMO_FLUX_IP_ADAPTER)
+        elif node["type"] == "LoadImage":
+            node["widgets_values"][0] = DEMO_REFERENCE
         elif node["type"] == node_id("Sampler"):
             values = node["widgets_values"]
             values[4], values[6], values[7] = steps, size, size  # steps, width, height
@@ -136,6 +166,7 @@ def run_demo(output_dir: Path, size: int = 256, steps: int = 20) -> list[Path]:
         write_demo_checkpoint(models_root)
         write_demo_lora(models_root)
         write_demo_flux(models_root, Path(tmp) / "t5_tokenizer")
+        write_demo_reference(Path(tmp) / "input")
         comfy_host.set_models_root(models_root)
         comfy_host.set_io_directories(Path(tmp) / "input", output_dir)
         runner = WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})

@@ -275,13 +275,19 @@ def test_demo_sets_the_t5_tokenizer_only_for_its_run(monkeypatch, tmp_path):
 
 def test_demo_runs_the_flux_examples_on_its_own_files():
     names = [n for n in demo.DEMO_WORKFLOWS if n.startswith("flux_")]
-    assert names == ["flux_text_to_image.json", "flux_lora_stack.json"]
+    assert sorted(names) == sorted(p.name for p in EXAMPLES.glob("flux_*.json"))
     for name in names:
         workflow = demo.demo_workflow(64, 2, name)
         (loader,) = [n for n in workflow["nodes"] if n["type"] == node_id("LoadFlux")]
         assert loader["widgets_values"][:4] == [file for _, file in demo.DEMO_FLUX_FILES]
-        loras = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == node_id("LoadLoRA")}
-        assert loras <= set(demo.DEMO_FLUX_LORAS), loras
+        for node in workflow["nodes"]:
+            values = node.get("widgets_values") or []
+            if node["type"] == node_id("LoadLoRA"):
+                assert values[0] in demo.DEMO_FLUX_LORAS, values
+            elif node["type"] == node_id("ApplyIPAdapter"):
+                assert tuple(values[:2]) == demo.DEMO_FLUX_IP_ADAPTER
+            elif node["type"] == "LoadImage":
+                assert values[0] == demo.DEMO_REFERENCE
 
 
 @pytest.mark.parametrize("kind", FLUX_LORA_FORMATS)
