@@ -49,16 +49,31 @@ def _slots(embedding: Embedding, base: BaseModel, name: str) -> list[tuple[str, 
             vectors = next(iter(embedding.vectors.values()))
         width = base.layout.token_widths[encoder_attr]
         if vectors is None or vectors.shape[-1] != width:
-            got = ", ".join(
-                f"{v.shape[-1]} ({embedding_width_family(v.shape[-1])})" for v in embedding.vectors.values()
-            )
-            raise TextualInversionError(
-                f"{name} does not fit this {base.family_name} pipeline: its vectors are {got} wide, but "
-                f"the {encoder_attr} needs {width} ({embedding_width_family(width)})"
-                + (" and the file must have clip_l and clip_g vectors." if base.family == "sdxl" else ".")
-            )
+            raise TextualInversionError(_misfit(embedding, base, name, encoder_attr, width))
         slots.append((tokenizer_attr, encoder_attr, vectors))
     return slots
+
+
+def _width(width: int) -> str:
+    family = embedding_width_family(width)
+    return f"{width} ({family})" if family else str(width)
+
+
+def _misfit(embedding: Embedding, base: BaseModel, name: str, encoder_attr: str, width: int) -> str:
+    got = ", ".join(_width(v.shape[-1]) for v in embedding.vectors.values())
+    message = (
+        f"{name} does not fit this {base.family_name} pipeline: its vectors are {got} wide, but "
+        f"the {encoder_attr} needs {_width(width)}"
+    )
+    if base.family == "sdxl":
+        return message + " and the file must have clip_l and clip_g vectors."
+    if base.family == "flux":  # diffusers' Flux pipeline feeds textual inversion to CLIP-L only
+        t5 = base.layout.token_widths.get("text_encoder_2")
+        return (
+            message + f". Flux.1 takes textual inversion for its CLIP-L text encoder only ({width} wide, "
+            f"e.g. an SD1.x embedding); embeddings for T5 ({t5} wide) are not supported."
+        )
+    return message + "."
 
 
 @dataclass(frozen=True, eq=False, repr=False)
