@@ -39,7 +39,11 @@ class LoadLoRA:
                 "lora_name": (comfy_host.list_model_files("loras"), {"tooltip": "A file in models/loras."}),
                 "strength_model": (
                     "FLOAT",
-                    {**STRENGTH, "tooltip": "Strength on the UNet (negative inverts the LoRA)."},
+                    {
+                        **STRENGTH,
+                        "tooltip": "Strength on the denoiser: the UNet, or Flux's transformer "
+                        "(negative inverts the LoRA).",
+                    },
                 ),
                 "strength_clip": (
                     "FLOAT",
@@ -47,7 +51,11 @@ class LoadLoRA:
                 ),
                 "apply_to": (
                     list(APPLY_TO),
-                    {"default": "unet and text encoders", "tooltip": "Which parts of the LoRA to apply."},
+                    {
+                        "default": "unet and text encoders",
+                        "tooltip": "Which parts of the LoRA to apply ('unet' is the denoiser: Flux's "
+                        "transformer too; Flux's T5 is never patched).",
+                    },
                 ),
             },
             "optional": {
