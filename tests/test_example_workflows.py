@@ -66,23 +66,24 @@ def tiny_flux():
 
 
 def _flux_part(part: str, folder: str):
-    """A writer of one of Load Flux's four files: the tiny Flux exported once per test, copied under
-    the workflow's name into the node's folder."""
+    """A writer of one of Load Flux's four files: the tiny Flux exported once per test in the dtypes
+    the examples' files have (flux1-dev's bf16 transformer, an fp8 e4m3fn T5), copied under the
+    workflow's name into the node's folder."""
 
     def write(root: Path, name: str, tmp: Path, flux: bool) -> None:
         exported = tmp / "flux_export"
         if not exported.is_dir():
-            export_split(tiny_flux(), exported)
-        shutil.copyfile(_FLUX_EXPORT_NAMES[part](exported), root / folder / name)
+            export_split(tiny_flux(), exported, transformer_dtype="bf16", text_dtype="fp8")
+        shutil.copyfile(exported / _FLUX_EXPORT_NAMES[part], root / folder / name)
 
     return write
 
 
 _FLUX_EXPORT_NAMES = {
-    "transformer": lambda d: d / "flux_transformer_fp32.safetensors",
-    "clip_l": lambda d: d / "clip_l.safetensors",
-    "t5": lambda d: d / "t5xxl_fp32.safetensors",
-    "vae": lambda d: d / "ae.safetensors",
+    "transformer": "flux_transformer_bf16.safetensors",
+    "clip_l": "clip_l.safetensors",
+    "t5": "t5xxl_fp8.safetensors",
+    "vae": "ae.safetensors",
 }
 
 
