@@ -43,6 +43,10 @@ file of that kind works, tiny ones too):
   ipadapter/ip-adapter-faceid_sd15.bin, ipadapter/ip-adapter-faceid-plusv2_sd15.bin
   clip_vision/CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors
   insightface/models/buffalo_l/ (insightface's files; FaceID needs `pip install insightface onnxruntime`)
+  Flux: diffusion_models/flux1-dev.safetensors, text_encoders/clip_l.safetensors,
+  text_encoders/t5xxl_fp8_e4m3fn.safetensors, vae/ae.safetensors, loras/my_first_flux_lora_v1.safetensors,
+  loras/realism_lora.safetensors, loras/flux_style_lokr.safetensors, ipadapter/flux-ip-adapter.safetensors,
+  clip_vision/clip_vision_l.safetensors
   input/reference.png (a face, for FaceID), input/example.png (ComfyUI ships it)
 """
 
