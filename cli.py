@@ -2,6 +2,8 @@
 
     python cli.py run WORKFLOW.json --models DIR [--input DIR] [--output DIR]
         exit status 0 when it ran, 1 when a node failed, 2 when the workflow is malformed or invalid
+    python cli.py batch WORKFLOW.json --sweep SWEEP.json --output DIR --models DIR [--input DIR]
+        exit status 0 when every item was done, 1 when some failed, 2 when the sweep or workflow is wrong
     python cli.py demo [--output DIR]
     python cli.py export-lora LORA.safetensors OUT.safetensors --checkpoint CHECKPOINT.safetensors
 
@@ -78,6 +80,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _batch(args: argparse.Namespace) -> int:
+    load_pack()
+    return importlib.import_module(f"{PACK_NAME}.headless.batch").main(args)
+
+
 def _export_lora(args: argparse.Namespace) -> int:
     load_pack()
     base_models = importlib.import_module(f"{PACK_NAME}.loaders.base_models")
@@ -114,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="build small built-in models and run the example workflow")
     demo.add_argument("--output", default="demo_output", help="output folder (default: ./demo_output)")
     demo.set_defaults(func=_demo)
+    batch = sub.add_parser("batch", help="run a workflow over a sweep of input values (grid, contact sheet)")
+    batch.add_argument("workflow", help="workflow .json, as saved or exported by ComfyUI")
+    batch.add_argument("--sweep", help="sweep spec .json: a list of {node, input, values | range | lines}")
+    batch.add_argument(
+        "--set", action="append", default=[], metavar="NODE.INPUT=VALUES", help="an axis as a flag"
+    )
+    batch.add_argument("--output", required=True, help="batch folder: images/, batch.json, contact sheets")
+    batch.add_argument("--models", required=True, help="models folder with ComfyUI's subfolders")
+    batch.add_argument("--input", default="input", help="folder LoadImage reads from (default: ./input)")
+    batch.set_defaults(func=_batch)
     export = sub.add_parser("export-lora", help="write any supported LoRA as a diffusers/PEFT file")
     export.add_argument("lora", help="the LoRA file (Kohya, LyCORIS, PEFT, ...)")
     export.add_argument("output", help="the .safetensors file to write")
