@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
+from ..loaders.flux_files import flux_scheduler as loader_flux_scheduler
 from ..loaders.tokenizers import clip_tokenizer
 from .tiny_pipelines import _text_config
 
@@ -107,19 +108,7 @@ def _vae() -> AutoencoderKL:
 
 def flux_scheduler(variant: str) -> FlowMatchEulerDiscreteScheduler:
     """The scheduler config of FLUX.1-dev (resolution-dependent shift) or FLUX.1-schnell (none)."""
-    if variant == "schnell":
-        return FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
-        )
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    return loader_flux_scheduler(guidance_embeds=variant == "dev")
 
 
 def build_tiny_flux(variant: str = "dev", seed: int = 0) -> FluxPipeline:
