@@ -20,6 +20,7 @@ from comfyui_diffusers_adapters.headless import batch, demo
 from comfyui_diffusers_adapters.headless.batch import contact_sheet, manifest, sweep
 from comfyui_diffusers_adapters.headless.runner import WorkflowRunner, WorkflowValidationError
 from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
+from comfyui_diffusers_adapters.headless.ui_workflow import ui_to_api
 from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_host
 from comfyui_diffusers_adapters.nodes.common import node_id
 
@@ -217,6 +218,31 @@ def test_ambiguous_titles_and_too_many_items_are_refused(host):
         _resolve(big)
 
 
+def test_the_saved_value_of_a_swept_input_does_not_matter(host):
+    """A shared workflow names a checkpoint the user does not have; sweeping that input is enough."""
+    workflow = _workflow()
+    _node(workflow, "LoadDreamBooth")["widgets_values"][0] = "not_here.safetensors"
+    with pytest.raises(WorkflowValidationError, match="not_here"):
+        _resolve([SEEDS], workflow)
+    checkpoints = {"node": "1", "input": "checkpoint", "values": [demo.DEMO_CHECKPOINT]}
+    (target, _) = _resolve([checkpoints, SEEDS], workflow)
+    assert (target.node_id, target.position, target.depth) == ("1", 0, 0)
+
+
+def test_an_input_swept_twice_is_refused(host):
+    with pytest.raises(sweep.SweepError, match="swept twice"):
+        _resolve([SEEDS, {"node": "2", "input": "seed", "values": [3]}])
+
+
+def test_api_prompts_are_swept_in_their_inputs(host):
+    prompt = {k: v for k, v in ui_to_api(_workflow(), _runner().node_classes).items()}
+    targets = _resolve([SEEDS, STRENGTHS], prompt)
+    item = sweep.items_in_run_order(targets)[-1]
+    changed = sweep.item_workflow(prompt, targets, item)
+    assert changed["2"]["inputs"]["seed"] == 2 and changed["10"]["inputs"]["strength_model"] == 1.2
+    assert prompt["2"]["inputs"]["seed"] == 42  # the base is not touched
+
+
 def test_item_workflow_sets_the_widget_value_and_nothing_else(host):
     workflow = _workflow()
     targets = _resolve([SEEDS, STRENGTHS], workflow)
@@ -334,6 +360,32 @@ def test_rerun_skips_done_items_and_a_failing_item_does_not_stop_the_rest(host, 
     third = CountingRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
     report = batch.run_batch(third, workflow, targets, tmp_path / "b", stream=io.StringIO())
     assert (third.calls, report.done) == (2, 2)
+
+
+class InterruptedRunner(CountingRunner):
+    """Ctrl-C while the third item runs."""
+
+    def run(self, workflow, extra_pnginfo=None):
+        if self.calls == 2:
+            self.calls += 1
+            raise KeyboardInterrupt
+        return super().run(workflow, extra_pnginfo)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_finished_items_recorded_and_nothing_half_written(host, tmp_path):
+    workflow = _workflow()
+    targets = _resolve([{**SEEDS, "values": [1, 2, 3, 4]}], workflow)
+    runner = InterruptedRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
+    with pytest.raises(KeyboardInterrupt):
+        batch.run_batch(runner, workflow, targets, tmp_path / "b", stream=io.StringIO())
+    items = json.loads((tmp_path / "b" / "batch.json").read_text())["items"]
+    assert sorted(items) == ["0", "1"]
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["batch.json", "images"]
+    assert comfy_host.output_directory() == (tmp_path / "b").resolve()  # not the scratch folder
+    again = CountingRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
+    report = batch.run_batch(again, workflow, targets, tmp_path / "b", stream=io.StringIO())
+    assert (again.calls, report.skipped, report.done) == (2, 2, 2)
 
 
 def test_manifest_is_refused_when_it_is_not_ours(tmp_path):

@@ -307,6 +307,20 @@ def _checked_values(axis: Axis, node_id: str, prompt: dict, runner: WorkflowRunn
     return tuple(converted)
 
 
+def _locate(axis: Axis, prompt: Mapping, ui_nodes: Mapping, runner: WorkflowRunner, display: Mapping):
+    """(node id, UI widget position) of an axis, or SweepError naming what is wrong."""
+    node_id = _find_node(axis, prompt, ui_nodes, display)
+    node_class = runner.node_classes[prompt[node_id]["class_type"]]
+    where = f"{axis.label} (node {node_id}, {prompt[node_id]['class_type']})"
+    names = [name for _, name, _, _ in specs_of(node_class.INPUT_TYPES())]
+    if axis.input not in names:
+        raise SweepError(f"{where}: the node has no input {axis.input!r}; it has {', '.join(names)}.")
+    if is_link(prompt[node_id]["inputs"].get(axis.input)):
+        raise SweepError(f"{where}: the input is linked to another node; sweep the node it comes from.")
+    position = _ui_position(ui_nodes[node_id], node_class, axis.input, where) if ui_nodes else None
+    return node_id, position
+
+
 def resolve(
     workflow: Mapping, axes: Sequence[Axis], runner: WorkflowRunner, display: Mapping | None = None
 ) -> list[Target]:
@@ -316,24 +330,25 @@ def resolve(
     if count > MAX_ITEMS:
         raise SweepError(f"The sweep has {count} items; at most {MAX_ITEMS} run in one batch.")
     prompt = base_prompt(workflow, runner)
-    runner._declared = {}  # noqa: SLF001 - INPUT_TYPES asked afresh, as a run does
-    runner._validate(copy.deepcopy(prompt))  # noqa: SLF001 - the workflow as it stands must be valid
     ui_nodes = {str(n["id"]): n for n in workflow.get("nodes") or []} if is_ui_workflow(workflow) else {}
+    places = [_locate(axis, prompt, ui_nodes, runner, display or {}) for axis in axes]
+    seen: dict[tuple[str, str], Axis] = {}
+    for axis, (node_id, _) in zip(axes, places):
+        twice = seen.setdefault((node_id, axis.input), axis)
+        if twice is not axis:
+            raise SweepError(f"{axis.label}: node {node_id}'s {axis.input} is swept twice ({twice.label}).")
+        # the workflow is checked with the sweep's first values: the saved value of a swept input
+        # (a checkpoint the user does not have) does not matter
+        prompt[node_id]["inputs"][axis.input] = axis.values[0]
+    runner._declared = {}  # noqa: SLF001 - INPUT_TYPES asked afresh, as a run does
+    runner._validate(copy.deepcopy(prompt))  # noqa: SLF001 - the rest of the workflow must be valid
     depths = _depths(prompt)
-    targets = []
-    for axis in axes:
-        node_id = _find_node(axis, prompt, ui_nodes, display or {})
-        node_class = runner.node_classes[prompt[node_id]["class_type"]]
-        where = f"{axis.label} (node {node_id}, {prompt[node_id]['class_type']})"
-        names = [name for _, name, _, _ in specs_of(node_class.INPUT_TYPES())]
-        if axis.input not in names:
-            raise SweepError(f"{where}: the node has no input {axis.input!r}; it has {', '.join(names)}.")
-        if is_link(prompt[node_id]["inputs"].get(axis.input)):
-            raise SweepError(f"{where}: the input is linked to another node; sweep the node it comes from.")
-        position = _ui_position(ui_nodes[node_id], node_class, axis.input, where) if ui_nodes else None
-        values = _checked_values(axis, node_id, prompt, runner)
-        targets.append(Target(axis, node_id, position, depths.get(node_id, 0), values))
-    return targets
+    return [
+        Target(
+            axis, node_id, position, depths.get(node_id, 0), _checked_values(axis, node_id, prompt, runner)
+        )
+        for axis, (node_id, position) in zip(axes, places)
+    ]
 
 
 # ---------------------------------------------------------------- items
