@@ -471,3 +471,36 @@ def test_index_html_escapes_every_value(tmp_path):
     assert "<script>" not in page and 'a"b' not in page
     assert "&lt;script&gt;" in page and "b&amp;c" in page and "&quot;quoted&quot;" in page
     assert 'href="images/a%22b%3Cc%3E.png"' in page
+    # a long prompt is cut on the sheet but shown whole on the page
+    long = "a very long prompt " * 10
+    sheets = contact_sheet.write_sheets([("p", [long])], {(0,): ([name], "")}, tmp_path, 32)
+    assert sheets[0].page.cols == [long] and long in contact_sheet.index_html([("p", [long])], sheets, "t")
+
+
+def test_cli_batch_refuses_a_bad_sweep_with_status_2(host, models, tmp_path, capsys):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(_workflow()), encoding="utf-8")
+    common = ["batch", str(path), "--models", str(models), "--output", str(tmp_path / "b")]
+    assert _cli().main([*common, "--set", "Nope.seed=1,2"]) == 2
+    assert "no node has the id or title 'Nope'" in capsys.readouterr().err
+    assert _cli().main(common) == 2
+    assert "--sweep" in capsys.readouterr().err
+    assert _cli().main([*common, "--set", "Diffusers Sampler.steps=2,-1"]) == 2
+    assert "minimum" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_cli_batch_runs_a_sweep(host, models, tmp_path, capsys):
+    path = tmp_path / "wf.json"
+    path.write_text(json.dumps(_workflow()), encoding="utf-8")
+    (tmp_path / "spec.json").write_text(json.dumps([{**SEEDS, "values": [3]}]), encoding="utf-8")
+    args = ["batch", str(path), "--sweep", str(tmp_path / "spec.json"), "--models", str(models)]
+    assert _cli().main([*args, "--output", str(tmp_path / "b")]) == 0
+    assert "1 done, 0 already done, 0 failed" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "batch.json",
+        "contact_sheet.png",
+        "images",
+        "index.html",
+    ]

@@ -23,7 +23,8 @@ MIN_CELL = 16
 # Sheets stay under this many pixels a side (a 100 x 100 grid still gets 160-pixel cells), which
 # viewers and Pillow open without complaint.
 MAX_SHEET_SIDE = 16_384
-MAX_LABEL_CHARS = 40  # a prompt as a label is cut; the HTML page shows it in full
+MAX_LABEL_CHARS = 40  # a prompt as a sheet label is cut; the HTML page shows it in full
+MAX_HTML_CHARS = 10_000  # ... up to a prompt line's length (sweep.MAX_LINE_CHARS)
 PAD = 6
 EMPTY_CELL = (64, 64, 64)
 BACKGROUND = (255, 255, 255)
@@ -52,10 +53,14 @@ class SheetLayout:
         return self.left + self.cols * self.cell, self.top + self.rows * self.cell
 
 
-def label(value: Any) -> str:
-    """An axis value as a short label: text as it is, other values as JSON."""
+def label(value: Any, limit: int = MAX_LABEL_CHARS) -> str:
+    """An axis value as a label of at most `limit` characters: text as it is, other values as JSON."""
     text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _cut(labels: Sequence[str]) -> list[str]:
+    return [label(text) for text in labels]
 
 
 def _text_width(draw: ImageDraw.ImageDraw, text: str, font: ImageFont.ImageFont) -> int:
@@ -102,6 +107,7 @@ def draw_sheet(
 ) -> tuple[Image.Image, SheetLayout]:
     """One XY grid: `cells[r][c]` under column labels, beside row labels."""
     font = ImageFont.load_default()
+    title, row_labels, col_labels = label(title, 4 * MAX_LABEL_CHARS), _cut(row_labels), _cut(col_labels)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line = probe.textbbox((0, 0), "Ag", font=font)[3] + 4
     label_width = max((_text_width(probe, t, font) for t in [*row_labels, axis_names[0]]), default=0)
@@ -145,7 +151,9 @@ def pages(
     extra = axes[2:]
     found = []
     for fixed in itertools.product(*(range(len(values)) for _, values in extra)):
-        title = ", ".join(f"{name} = {label(values[i])}" for (name, values), i in zip(extra, fixed))
+        title = ", ".join(
+            f"{name} = {label(values[i], MAX_HTML_CHARS)}" for (name, values), i in zip(extra, fixed)
+        )
         cells, links, notes = [], [], []
         for r in range(len(rows_axis[1])):
             coords = [(r, c, *fixed) if len(axes) > 1 else (r, *fixed) for c in range(len(cols_axis[1]))]
@@ -155,7 +163,12 @@ def pages(
             notes.append([note for _, note in got])
         found.append(
             Page(
-                title, [label(v) for v in rows_axis[1]], [label(v) for v in cols_axis[1]], cells, links, notes
+                title,
+                [label(v, MAX_HTML_CHARS) for v in rows_axis[1]],
+                [label(v, MAX_HTML_CHARS) for v in cols_axis[1]],
+                cells,
+                links,
+                notes,
             )
         )
     return found
