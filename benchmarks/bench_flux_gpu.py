@@ -382,7 +382,7 @@ class PackSide(Side):
         self.load_s = time.perf_counter() - t0
         self.mem["resident"] = allocated(plan.device) - before
         self.info = out["result"][1]
-        base = out["result"][0]
+        base = self.base = out["result"][0]
         self.handle = LoadLoRA().load(base, files.lora.name, 1.0, 1.0, "unet and text encoders", "")[
             "result"
         ][0]
@@ -393,40 +393,60 @@ class PackSide(Side):
         self.lora_s = time.perf_counter() - t0
         self.pipe = base.base.pipe
 
-    def sample(self, plan: Plan, steps: int) -> torch.Tensor:
+    def sample(self, plan: Plan, steps: int, handle=None) -> torch.Tensor:
         Sampler = pack_module("nodes.sampler").Sampler
         size = plan.size
         return Sampler().sample(
-            self.handle, PROMPT, "", SEED, steps, 1.0, size, size, 1, "euler", "simple", -1, guidance=GUIDANCE
+            handle or self.handle,
+            PROMPT,
+            "",
+            SEED,
+            steps,
+            1.0,
+            size,
+            size,
+            1,
+            "euler",
+            "simple",
+            -1,
+            guidance=GUIDANCE,
         )[0]
 
 
 class DiffusersSide(Side):
     def load(self, plan: Plan, files: Files, pack_pipe) -> None:
+        """Load in the compute dtype, fuse the LoRA, then layerwise casting to fp8: diffusers 0.42 /
+        PEFT cannot fuse into fp8 storage (fuse_lora after enable_layerwise_casting raises
+        NotImplementedError: PEFT multiplies the LoRA factors in the base weight's dtype), so the order
+        a diffusers user can take is this one. The fp8 file's values are exact in bf16."""
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
         compute = torch.bfloat16 if plan.device.type == "cuda" else torch.float32  # the pack's 'auto'
         before = allocated(plan.device)
-        t0 = time.perf_counter()
         with peak_above(plan.device, self.mem, "load_peak"):
+            t0 = time.perf_counter()
             where = {"device_map": str(plan.device)} if plan.device.type == "cuda" else {}
             transformer = FluxTransformer2DModel.from_pretrained(
                 str(files.diffusers_dir), torch_dtype=compute, local_files_only=True, **where
             )
+            load_s = time.perf_counter() - t0
+            shared = {k: v for k, v in pack_pipe.components.items() if k not in ("transformer", "scheduler")}
+            scheduler = type(pack_pipe.scheduler).from_config(pack_pipe.scheduler.config)
+            self.pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **shared)
+            self.pipe.set_progress_bar_config(disable=True)
+            t0 = time.perf_counter()
+            self.pipe.load_lora_weights(str(files.lora.parent), weight_name=files.lora.name)
+            self.pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
+            self.pipe.unload_lora_weights()  # the fused weights stay; the adapters go
+            sync(plan.device)
+            self.lora_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
             if plan.device.type == "cuda":
                 torch.cuda.empty_cache()
-        self.load_s = time.perf_counter() - t0
+            sync(plan.device)
+            self.load_s = load_s + time.perf_counter() - t0
         self.mem["resident"] = allocated(plan.device) - before
-        shared = {k: v for k, v in pack_pipe.components.items() if k not in ("transformer", "scheduler")}
-        scheduler = type(pack_pipe.scheduler).from_config(pack_pipe.scheduler.config)
-        self.pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, **shared)
-        self.pipe.set_progress_bar_config(disable=True)
-        t0 = time.perf_counter()
-        self.pipe.load_lora_weights(str(files.lora.parent), weight_name=files.lora.name)
-        self.pipe.fuse_lora(lora_scale=1.0, components=["transformer"])
-        sync(plan.device)
-        self.lora_s = time.perf_counter() - t0
 
     def sample(self, plan: Plan, steps: int) -> torch.Tensor:
         """FluxPipeline from ComfyUI's noise for the seed (what the pack starts from), same schedule."""
@@ -503,7 +523,7 @@ def run(plan: Plan, args) -> int:
     warm = time.perf_counter() - warm
     pack.runs.clear(), pack.peaks.clear()
     sides = [pack]
-    # diffusers' single-file load converts on the CPU: allow twice the pack's load and a warm-up
+    # diffusers loads in bf16 (twice the fp8 bytes) before its LoRA and cast: allow twice the pack's load
     if clock.fits("diffusers side", 2 * pack.load_s + warm + 10):
         theirs.load(plan, files, pack.pipe)
         print(f"INFO diffusers loaded in {theirs.load_s:.1f} s, LoRA loaded + fused in {theirs.lora_s:.2f} s")
@@ -518,10 +538,17 @@ def run(plan: Plan, args) -> int:
         for side in sides if rep % 2 == 0 else sides[::-1]:
             for steps in plan.steps:
                 timed_run(side, plan, steps)
-    return report(plan, pack, theirs if len(sides) == 2 else None, mark)
+    lora_effect = None
+    if pack.image is not None and clock.fits(
+        "the pack without its LoRA", warm * plan.steps[-1] / plan.steps[0]
+    ):
+        with_lora = pack.image  # the last image at the largest step count
+        lora_effect = float((pack.sample(plan, plan.steps[-1], pack.base) - with_lora).abs().mean())
+        pack.image = with_lora
+    return report(plan, pack, theirs if len(sides) == 2 else None, mark, lora_effect)
 
 
-def report(plan: Plan, pack: Side, theirs: Side | None, mark: str) -> int:
+def report(plan: Plan, pack: Side, theirs: Side | None, mark: str, lora_effect: float | None) -> int:
     rows = {}
     print(f"INFO {mark}results (medians):")
     print(f"side      {'load s':>7} {'LoRA s':>7} {'s/step':>8} {'fixed s':>8} {'resident GB':>12} "
@@ -557,6 +584,11 @@ def report(plan: Plan, pack: Side, theirs: Side | None, mark: str) -> int:
             f"INFO image difference pack vs diffusers ({plan.steps[-1]} steps, pixels in 0..1): "
             f"mean {float(diff.mean()):.4f}, max {float(diff.max()):.4f} (information: random weights)"
         )
+    if pack.image is not None:
+        image = pack.image
+        print(f"INFO pack image: mean {float(image.mean()):.3f}, std {float(image.std()):.3f} (0..1)")
+    if lora_effect is not None:
+        print(f"INFO LoRA effect on the pack's image: mean |with - without| {lora_effect:.4f}")
     if plan.device.type != "cuda":
         print("INFO VRAM columns are 0 on the CPU (torch.cuda.max_memory_allocated)")
     return 0
