@@ -18,10 +18,12 @@ Sides, both computing in bf16 with the fp8 values of the same file:
 - pack: Load Flux (dtype auto: the fp8 transformer stays fp8, layerwise casting), Load LoRA, the
   Sampler (euler / simple, cfg 1, guidance 3.5);
 - diffusers: `FluxTransformer2DModel.from_pretrained(bf16)` on the same fp8 tensors written in its
-  own layout (its single-file converter hard-codes the 3072 width, which the dry run lacks) +
-  `enable_layerwise_casting(fp8 storage, bf16 compute)` in a FluxPipeline with the pack's text
-  encoders, tokenizers and VAE (the same modules), `load_lora_weights` + `fuse_lora`, sampled from
-  the same ComfyUI noise.
+  own layout (its single-file converter hard-codes the 3072 width, which the dry run lacks), in a
+  FluxPipeline with the pack's text encoders, tokenizers and VAE (the same modules), then
+  `load_lora_weights` + `fuse_lora` + `unload_lora_weights`, then `enable_layerwise_casting(fp8
+  storage, bf16 compute)`: in that order because diffusers 0.42 / PEFT cannot fuse into fp8 storage
+  (PEFT multiplies the LoRA factors in the base weight's dtype: NotImplementedError for fp8).
+  Sampled from the same ComfyUI noise with the same schedule.
 
 Each side gets one untimed warm-up image, then the sides alternate, each rep sampling at every
 --steps count; seconds per step and the fixed part (text encoding, VAE decode, set-up) come from
@@ -34,7 +36,10 @@ the two sides' last images is printed for information (random weights through 57
 --time-limit: phases that would not fit in what is left are skipped (SKIP lines); the table holds
 what ran. Without CUDA the script refuses unless --dry-run (2 double + 2 single blocks, 256 wide,
 tiny text encoders and VAE, 128x128, steps 1,2, 1 rep; the table is marked DRY RUN).
-Expected on one H100: files about 1 min (once), loads about 1 min, sampling about 1 min.
+Expected on one H100 (estimates, not yet measured): files 45-70 s (once per --workdir; 2 x 12 GB
+on disk, about 40 GB of RAM while writing), the pack's load 15-25 s, diffusers' 15-30 s (24 GB of
+VRAM while it loads in bf16), sampling about 0.3 s per step, 25-35 s for 2 reps of 4 and 8 steps per
+side: about 2.5 min in all, about 1.5 min with the files reused.
 """
 
 from __future__ import annotations
@@ -413,6 +418,18 @@ class PackSide(Side):
         )[0]
 
 
+def _from_pretrained(cls, folder: Path, dtype: torch.dtype, device: torch.device):
+    """The model straight onto the GPU (device_map), else loaded on the CPU and moved."""
+    if device.type == "cuda":
+        try:
+            return cls.from_pretrained(
+                str(folder), torch_dtype=dtype, local_files_only=True, device_map=str(device)
+            )
+        except (ValueError, TypeError, NotImplementedError) as e:
+            print(f"INFO diffusers from_pretrained(device_map) failed ({str(e)[:120]}); loading on the CPU")
+    return cls.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True).to(device)
+
+
 class DiffusersSide(Side):
     def load(self, plan: Plan, files: Files, pack_pipe) -> None:
         """Load in the compute dtype, fuse the LoRA, then layerwise casting to fp8: diffusers 0.42 /
@@ -425,10 +442,7 @@ class DiffusersSide(Side):
         before = allocated(plan.device)
         with peak_above(plan.device, self.mem, "load_peak"):
             t0 = time.perf_counter()
-            where = {"device_map": str(plan.device)} if plan.device.type == "cuda" else {}
-            transformer = FluxTransformer2DModel.from_pretrained(
-                str(files.diffusers_dir), torch_dtype=compute, local_files_only=True, **where
-            )
+            transformer = _from_pretrained(FluxTransformer2DModel, files.diffusers_dir, compute, plan.device)
             load_s = time.perf_counter() - t0
             shared = {k: v for k, v in pack_pipe.components.items() if k not in ("transformer", "scheduler")}
             scheduler = type(pack_pipe.scheduler).from_config(pack_pipe.scheduler.config)
@@ -446,7 +460,14 @@ class DiffusersSide(Side):
                 torch.cuda.empty_cache()
             sync(plan.device)
             self.load_s = load_s + time.perf_counter() - t0
-        self.mem["resident"] = allocated(plan.device) - before
+        # The text encoders and VAE are the pack's modules, already resident: count them on this side too,
+        # so both sides' columns are what that side would hold alone.
+        module_bytes = pack_module("loaders.memory_modes").module_bytes
+        on_device = plan.device.type == "cuda"
+        shared_bytes = sum(module_bytes(m) for m in shared.values() if isinstance(m, torch.nn.Module))
+        self.mem["shared"] = shared_bytes if on_device else 0
+        self.mem["resident"] = allocated(plan.device) - before + self.mem["shared"]
+        self.mem["load_peak"] += self.mem["shared"]
 
     def sample(self, plan: Plan, steps: int) -> torch.Tensor:
         """FluxPipeline from ComfyUI's noise for the seed (what the pack starts from), same schedule."""
@@ -507,7 +528,7 @@ def run(plan: Plan, args) -> int:
     )
     print(f"INFO other parts: {plan.parts}")
     print(f"INFO LoRA: PEFT transformer.* rank {RANK} alpha {ALPHA} on {files.lora_layers} attention Linears")
-    compute = "fp32 compute on the CPU" if plan.dry else "bf16 compute"
+    compute = "bf16 compute" if plan.device.type == "cuda" else "fp32 compute on the CPU"
     print(
         f"INFO sampling: {plan.size}x{plan.size}, steps {plan.steps}, {plan.reps} reps, euler/simple, "
         f"cfg 1, guidance {GUIDANCE}, {compute}"
@@ -551,7 +572,7 @@ def run(plan: Plan, args) -> int:
 def report(plan: Plan, pack: Side, theirs: Side | None, mark: str, lora_effect: float | None) -> int:
     rows = {}
     print(f"INFO {mark}results (medians):")
-    print(f"side      {'load s':>7} {'LoRA s':>7} {'s/step':>8} {'fixed s':>8} {'resident GB':>12} "
+    print(f"INFO side      {'load s':>7} {'LoRA s':>7} {'s/step':>8} {'fixed s':>8} {'resident GB':>12} "
           f"{'load peak GB':>13} {'run peak GB':>12}")  # fmt: skip
     for side in (pack, theirs):
         if side is None:
@@ -569,14 +590,16 @@ def report(plan: Plan, pack: Side, theirs: Side | None, mark: str, lora_effect: 
             run_peak,
         )
         print(
-            f"{side.name:<9} {side.load_s:>7.1f} {side.lora_s:>7.2f} {per:>8.3f} {fixed:>8.2f} "
+            f"INFO {side.name:<9} {side.load_s:>7.1f} {side.lora_s:>7.2f} {per:>8.3f} {fixed:>8.2f} "
             f"{side.mem['resident'] / GB:>12.2f} {side.mem['load_peak'] / GB:>13.2f} {run_peak / GB:>12.2f}"
         )
     if theirs is not None and pack.image is not None and theirs.image is not None:
         p, d = rows["pack"], rows["diffusers"]
         names = ("load", "LoRA", "s/step", "fixed", "resident", "load peak", "run peak")
-        ratios = ", ".join(
-            f"{n} {a / b:.2f}x" if b else f"{n} n/a" for n, a, b in zip(names, p, d, strict=True)
+        ratios = ", ".join(  # not the load: the pack's reads all four files, diffusers' one
+            f"{n} {a / b:.2f}x" if b else f"{n} n/a"
+            for n, a, b in zip(names, p, d, strict=True)
+            if n != "load"
         )
         print(f"ratio pack/diffusers: {ratios}")
         diff = (pack.image - theirs.image).abs()
@@ -589,6 +612,12 @@ def report(plan: Plan, pack: Side, theirs: Side | None, mark: str, lora_effect: 
         print(f"INFO pack image: mean {float(image.mean()):.3f}, std {float(image.std()):.3f} (0..1)")
     if lora_effect is not None:
         print(f"INFO LoRA effect on the pack's image: mean |with - without| {lora_effect:.4f}")
+    print(
+        "INFO load s: pack = Load Flux (transformer, clip_l, t5, ae files; to the GPU); diffusers = its "
+        "transformer (from_pretrained + layerwise casting); LoRA s: pack = merge, diffusers = "
+        "load_lora_weights + fuse_lora + unload_lora_weights. GB: 1e9 bytes; diffusers' columns include "
+        "the text encoders and VAE it shares with the pack"
+    )
     if plan.device.type != "cuda":
         print("INFO VRAM columns are 0 on the CPU (torch.cuda.max_memory_allocated)")
     return 0
