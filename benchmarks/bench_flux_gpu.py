@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -315,6 +316,33 @@ class Files:
     reused: bool = False
 
 
+def transformer_weights(config: dict) -> int:
+    """How many weights the transformer has (bytes in fp8), from a meta-device model."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights(include_buffers=False):
+        return sum(p.numel() for p in FluxTransformer2DModel(**config).parameters())
+
+
+class WorkdirError(RuntimeError):
+    """The --workdir cannot hold the files; the message says how much is needed."""
+
+
+def check_disk(plan: Plan, folder: Path) -> None:
+    """Refuse before writing when the --workdir's disk lacks room for both transformer copies (fp8,
+    one byte per weight) plus the text encoders and VAE (2.5 GB at the full-size plan), with 10% to
+    spare: a full disk halfway through a 12 GB write wastes the GPU's minutes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    need = int((2 * transformer_weights(plan.transformer) + (0 if plan.dry else 2.5 * GB)) * 1.1)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise WorkdirError(
+            f"--workdir {folder} has {free / GB:.1f} GB free; the files need {need / GB:.1f} GB. "
+            "Pass a --workdir on a larger disk (or /dev/shm when RAM allows), or free space."
+        )
+
+
 def write_files(plan: Plan, workdir: Path) -> Files:
     """Every file under workdir/<tag>/, reused when a finished earlier run left them (done.json)."""
     root = workdir / plan.tag / "models"
@@ -331,6 +359,7 @@ def write_files(plan: Plan, workdir: Path) -> Files:
     if done.is_file():
         files.lora_layers, files.reused = json.loads(done.read_text())["lora_layers"], True
         return files
+    check_disk(plan, root.parent)
     t0 = time.perf_counter()
     for folder in ("diffusion_models", "text_encoders", "vae", "loras"):
         (root / folder).mkdir(parents=True, exist_ok=True)
@@ -657,7 +686,11 @@ def main() -> int:
         return 2
     if args.dry_run:
         torch.set_num_threads(args.threads)
-    return run(make_plan(args), args)
+    try:
+        return run(make_plan(args), args)
+    except WorkdirError as e:
+        print(f"bench_flux_gpu: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

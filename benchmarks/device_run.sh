@@ -86,5 +86,5 @@ else
     --reps 6 --time-limit 40 --variants base,channels_last,keep_cache,no_hook,diffusers_attention
   stage bench_lora 150 $PY benchmarks/bench_lora.py --device cuda
 fi
-FLUX_S=${FLUX_S:-110}; BUDGET=$((BUDGET + FLUX_S)) stage bench_flux_gpu "$FLUX_S" $PY benchmarks/bench_flux_gpu.py --workdir "$WORKDIR/flux" --time-limit $((FLUX_S - 15)) $([ $DRY = 1 ] && echo --dry-run)  # issue 15: own FLUX_S s
+FLUX_S=${FLUX_S:-110}; BUDGET=$((BUDGET + FLUX_S)) stage bench_flux_gpu "$FLUX_S" $PY benchmarks/bench_flux_gpu.py --workdir "${FLUX_WORKDIR:-$WORKDIR/flux}" --time-limit $((FLUX_S - 15)) $([ $DRY = 1 ] && echo --dry-run)  # issue 15: own FLUX_S s, FLUX_WORKDIR (29 GB)
 echo "== done at $(elapsed) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
