@@ -50,6 +50,7 @@ import json
 import os
 import shutil
 import statistics
+import string
 import sys
 import time
 import warnings
@@ -304,6 +305,31 @@ def write_lora(config: dict, path: Path) -> int:
     return len(targets)
 
 
+def save_t5_tokenizer(folder: Path) -> None:
+    """The tiny T5 tokenizer of devtools/tiny_flux; where this transformers cannot build it from a
+    vocabulary list (transformers 4's T5Tokenizer reads a SentencePiece file only, and the GPU image's
+    version is not known here), the same vocabulary as a `tokenizers` Unigram model in T5TokenizerFast."""
+    tiny = pack_module("devtools.tiny_flux")
+    try:
+        tiny.save_t5_tokenizer(folder)
+        return
+    except (TypeError, ValueError) as e:
+        print(f"INFO tiny T5 tokenizer through `tokenizers` ({type(e).__name__}: {str(e)[:100]})")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = "\u2581" + string.ascii_lowercase + string.digits + string.punctuation
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("\u2581" + w, -1.0) for w in tiny._T5_WORDS] + [(c, -5.0) for c in pieces]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    T5TokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0
+    ).save_pretrained(folder)
+
+
 @dataclass
 class Files:
     root: Path  # the models root (ComfyUI's folder names)
@@ -381,7 +407,7 @@ def write_files(plan: Plan, workdir: Path) -> Files:
         {k: v.contiguous() for k, v in ldm.vae_to_ldm(vae.state_dict()).items()},
         str(root / "vae" / "ae.safetensors"),
     )
-    pack_module("devtools.tiny_flux").save_t5_tokenizer(files.tokenizer)
+    save_t5_tokenizer(files.tokenizer)
     files.lora_layers = write_lora(plan.transformer, files.lora)
     done.write_text(json.dumps({"lora_layers": files.lora_layers}))
     files.seconds = time.perf_counter() - t0
