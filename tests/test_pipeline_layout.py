@@ -32,6 +32,7 @@ def _wider_conv_in(handle):
 
 
 @pytest.mark.slow
+@pytest.mark.slow  # 600 model records and collections: about 3 minutes on 2 cores
 def test_parsed_lora_cache_never_serves_a_file_checked_against_another_layout(models_root):
     """The cache of parsed LoRA files was keyed on id() of a per-model dict: once a base model was
     evicted, a new model's dict could reuse the address and be served a LoRA checked against the old
