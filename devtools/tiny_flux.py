@@ -20,7 +20,7 @@ from transformers import CLIPTextModel, T5Config, T5EncoderModel, T5Tokenizer
 
 from ..loaders.flux_files import flux_scheduler as loader_flux_scheduler
 from ..loaders.tokenizers import clip_tokenizer
-from .tiny_pipelines import _text_config
+from .tiny_pipelines import _text_config, tiny_vae
 
 VARIANTS = ("dev", "schnell")
 LATENT_CHANNELS = 16  # Flux's VAE; the transformer reads 2x2 patches of it (64 channels)
@@ -88,16 +88,8 @@ def _transformer(variant: str) -> FluxTransformer2DModel:
 
 
 def _vae() -> AutoencoderKL:
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 64),
-        layers_per_block=1,
+    return tiny_vae(
         latent_channels=LATENT_CHANNELS,
-        norm_num_groups=32,
-        sample_size=64,
         scaling_factor=VAE_SCALE,
         shift_factor=VAE_SHIFT,
         use_quant_conv=False,

@@ -86,9 +86,10 @@ def _unet_config(family: str, cross_attention_dim: int) -> dict:
     }
 
 
-def _vae(family: str) -> AutoencoderKL:
-    # Four levels, as in every real SD VAE: 8x downsampling keeps the UNet's latents (and the
-    # cost of attention over them) small at realistic image sizes.
+def tiny_vae(**config) -> AutoencoderKL:
+    """A tiny VAE with four levels, as in every real SD and Flux VAE: 8x downsampling keeps the
+    denoiser's latents (and the cost of attention over them) small at realistic image sizes.
+    `config`: the family's own settings (latent channels, scale, shift, quant convs)."""
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -96,9 +97,15 @@ def _vae(family: str) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 32, 64),
         layers_per_block=1,
-        latent_channels=4,
         norm_num_groups=32,
         sample_size=64,
+        **config,
+    )
+
+
+def _vae(family: str) -> AutoencoderKL:
+    return tiny_vae(
+        latent_channels=4,
         scaling_factor=0.13025 if family == "sdxl" else 0.18215,
         force_upcast=family == "sdxl",
     )
