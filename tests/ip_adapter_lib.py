@@ -22,10 +22,18 @@ from diffusers.models.embeddings import (
     IPAdapterPlusImageProjection,
 )
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
+
+from comfyui_diffusers_adapters.devtools.tiny_flux_ip_adapter import (
+    ENCODER_IMAGE,
+    ENCODER_PATCH,
+    ENCODER_PROJECTION,
+    ENCODER_WIDTH,
+    tiny_clip_vision,
+)
 
 # Tiny encoder: width 128 → 2 heads (width // 64), gelu: what the pack's rule gives for this width.
-ENC_HIDDEN, ENC_PROJ, ENC_PATCH, ENC_IMAGE = 128, 32, 14, 28
+ENC_HIDDEN, ENC_PROJ, ENC_PATCH, ENC_IMAGE = ENCODER_WIDTH, ENCODER_PROJECTION, ENCODER_PATCH, ENCODER_IMAGE
 ID_DIM = 16  # tiny insightface embedding
 INSIGHTFACE_DIM = 512  # the real one: FaceID Portrait unnorm is told from Plus by it
 
@@ -188,20 +196,7 @@ def fake_full_size(variant: str, cross: int, hidden_sizes=(320, 640, 1280)) -> d
 
 
 # ---------------------------------------------------------------- tiny CLIP vision encoders
-def tiny_vision_model(seed: int = 0) -> CLIPVisionModelWithProjection:
-    config = CLIPVisionConfig(
-        hidden_size=ENC_HIDDEN,
-        intermediate_size=2 * ENC_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=ENC_HIDDEN // 64,
-        patch_size=ENC_PATCH,
-        image_size=ENC_IMAGE,
-        projection_dim=ENC_PROJ,
-        hidden_act="gelu",
-        layer_norm_eps=1e-5,
-    )
-    torch.manual_seed(seed)
-    return CLIPVisionModelWithProjection(config).eval()
+tiny_vision_model = tiny_clip_vision  # the devtools encoder (the demo's) is the tests' too
 
 
 def to_open_clip_layout(model: CLIPVisionModelWithProjection) -> dict[str, torch.Tensor]:
