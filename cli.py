@@ -1,8 +1,9 @@
 """Command line: run ComfyUI workflows with this pack's nodes, without ComfyUI.
 
-    python cli.py run WORKFLOW.json --models DIR [--input DIR] [--output DIR]
+    python cli.py run WORKFLOW.json --models DIR [--input DIR] [--output DIR] [--threads N]
         exit status 0 when it ran, 1 when a node failed, 2 when the workflow is malformed or invalid
     python cli.py batch WORKFLOW.json --sweep SWEEP.json --output DIR --models DIR [--input DIR]
+        [--engine auto|local|ray] [--address RAY_ADDRESS] [--workers N] [--cpus-per-worker C]
         exit status 0 when every item was done, 1 when some failed, 2 when the sweep or workflow is wrong
     python cli.py demo [--output DIR]
     python cli.py export-lora LORA.safetensors OUT.safetensors --checkpoint CHECKPOINT.safetensors
@@ -44,6 +45,8 @@ def _run(args: argparse.Namespace) -> int:
     runner_mod = importlib.import_module(f"{PACK_NAME}.headless.runner")
     standins = importlib.import_module(f"{PACK_NAME}.headless.standin_nodes")
 
+    if args.threads:  # on CPU the thread count changes oneDNN's rounding (see README, Batch rendering)
+        importlib.import_module("torch").set_num_threads(args.threads)
     node_classes = {**standins.STANDIN_NODE_CLASS_MAPPINGS, **pack.NODE_CLASS_MAPPINGS}
     runner = runner_mod.WorkflowRunner(node_classes)
     try:
@@ -117,6 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     run.add_argument("--input", default="input", help="folder LoadImage reads from (default: ./input)")
     run.add_argument("--output", default="output", help="folder SaveImage writes to (default: ./output)")
+    run.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's, one per core); a batch worker uses its CPU count",
+    )
     run.set_defaults(func=_run)
     demo = sub.add_parser("demo", help="build small built-in models and run the example workflow")
     demo.add_argument("--output", default="demo_output", help="output folder (default: ./demo_output)")
@@ -130,6 +138,16 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--output", required=True, help="batch folder: images/, batch.json, contact sheets")
     batch.add_argument("--models", required=True, help="models folder with ComfyUI's subfolders")
     batch.add_argument("--input", default="input", help="folder LoadImage reads from (default: ./input)")
+    batch.add_argument(
+        "--engine",
+        choices=("auto", "local", "ray"),
+        default="auto",
+        help="auto: on Ray when it is installed (a local Ray, or --address), else in this process",
+    )
+    batch.add_argument("--address", help="join this Ray cluster (e.g. auto, or ray://head:10001)")
+    batch.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, or per 8 cores)")
+    batch.add_argument("--cpus-per-worker", type=int, help="CPU cores per Ray worker (its torch threads)")
+    batch.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (default 1 on GPU nodes)")
     batch.set_defaults(func=_batch)
     export = sub.add_parser("export-lora", help="write any supported LoRA as a diffusers/PEFT file")
     export.add_argument("lora", help="the LoRA file (Kohya, LyCORIS, PEFT, ...)")

@@ -496,7 +496,7 @@ def test_cli_batch_runs_a_sweep(host, models, tmp_path, capsys):
     path.write_text(json.dumps(_workflow()), encoding="utf-8")
     (tmp_path / "spec.json").write_text(json.dumps([{**SEEDS, "values": [3]}]), encoding="utf-8")
     args = ["batch", str(path), "--sweep", str(tmp_path / "spec.json"), "--models", str(models)]
-    assert _cli().main([*args, "--output", str(tmp_path / "b")]) == 0
+    assert _cli().main([*args, "--output", str(tmp_path / "b"), "--engine", "local"]) == 0
     assert "1 done, 0 already done, 0 failed" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
         "batch.json",

@@ -12,10 +12,10 @@ from __future__ import annotations
 import shutil
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from ...nodes import comfy_host
 from ..runner import WorkflowRunner
@@ -31,6 +31,17 @@ SWEEP_KEY = "diffusers_adapters_sweep"
 IMAGES_DIR = "images"
 PARTIAL_DIR = ".partial"  # per-item scratch folders; removed at the start and end of a batch
 
+Keep = Callable[[Item, list[Path]], list[str]]
+OnRecord = Callable[[Item, dict], None]
+
+
+class Engine(Protocol):
+    """Runs items and hands each finished item's record to `on_record` (in any order)."""
+
+    notes: Sequence[str]  # what the engine wants the user to know (refused workers, ...)
+
+    def run(self, batch: EmbeddedBatch, todo: Sequence[Item], on_record: OnRecord) -> None: ...
+
 
 @dataclass
 class BatchReport:
@@ -42,6 +53,7 @@ class BatchReport:
     failed: int = 0
     images: int = 0
     errors: dict[int, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     sheets: list[Path] = field(default_factory=list)
     index: Path | None = None
 
@@ -86,15 +98,22 @@ class EmbeddedBatch:
     """Runs the items of one sweep in this process; `run_item` is what a worker will call later."""
 
     def __init__(
-        self, runner: WorkflowRunner, workflow: Mapping, targets: Sequence[Target], output_dir: Path
+        self,
+        runner: WorkflowRunner,
+        workflow: Mapping,
+        targets: Sequence[Target],
+        output_dir: Path,
+        scratch_dir: Path | None = None,
     ) -> None:
         self.runner, self.workflow, self.targets = runner, workflow, list(targets)
         self.output_dir = Path(output_dir).resolve()
         self.images_dir = self.output_dir / IMAGES_DIR
-        self.partial_dir = self.output_dir / PARTIAL_DIR
+        self.partial_dir = Path(scratch_dir or self.output_dir / PARTIAL_DIR).resolve()
 
-    def run_item(self, item: Item) -> dict:
-        """Run one item; its manifest record (done with images, or failed with the error)."""
+    def run_item(self, item: Item, keep: Keep | None = None) -> dict:
+        """Run one item; its manifest record (done with images, or failed with the error). `keep`
+        takes the finished image files before the scratch folder goes (default: renamed into
+        `images/`); a Ray worker reads them instead, to send them to the machine running the batch."""
         workflow = item_workflow(self.workflow, self.targets, item)
         values = item_values(self.targets, item)
         record: dict[str, Any] = {"values": values, "workflow_sha256": workflow_hash(workflow)}
@@ -110,7 +129,7 @@ class EmbeddedBatch:
             entries = _output_entries(self.runner.run(workflow, extra_pnginfo=extra))
             if not entries:
                 raise ValueError("the workflow saved no image (it needs a SaveImage node)")
-            record["images"] = self._keep(item, [image_path(e) for e in entries])
+            record["images"] = (keep or self._keep)(item, [image_path(e) for e in entries])
             record["status"] = "done"
         except comfy_host.Interrupted:
             raise
@@ -125,12 +144,36 @@ class EmbeddedBatch:
     def _keep(self, item: Item, files: list[Path]) -> list[str]:
         """Rename the finished images to their sweep names (same file system: an atomic rename)."""
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        kept = []
-        for k, source in enumerate(files):
-            name = f"{item.index:05}_{k}{source.suffix.lower() or '.png'}"
-            source.replace(self.images_dir / name)
-            kept.append(f"{IMAGES_DIR}/{name}")
+        kept = [image_name(item, k, source) for k, source in enumerate(files)]
+        for source, name in zip(files, kept):
+            source.replace(self.output_dir / name)
         return kept
+
+    def store(self, names: Sequence[str], blobs: Sequence[bytes]) -> None:
+        """Write images a worker sent under their sweep names (temporary name, then a rename)."""
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in zip(names, blobs, strict=True):
+            final = self.output_dir / name
+            if final.parent != self.images_dir:  # names come from image_name; anything else is a bug
+                raise ValueError(f"refused to write {name!r} outside {self.images_dir}")
+            temp = final.with_name(f".{final.name}.part")
+            temp.write_bytes(data)
+            temp.replace(final)
+
+
+def image_name(item: Item, k: int, source: Path) -> str:
+    """An item's k-th image under `images/`, by sweep position: `images/00007_0.png`."""
+    return f"{IMAGES_DIR}/{item.index:05}_{k}{source.suffix.lower() or '.png'}"
+
+
+class LocalEngine:
+    """Runs the items one after another in this process (the batch's runner keeps models loaded)."""
+
+    notes: tuple[str, ...] = ()
+
+    def run(self, batch: EmbeddedBatch, todo: Sequence[Item], on_record: OnRecord) -> None:
+        for item in todo:
+            on_record(item, batch.run_item(item))
 
 
 def _finish(batch: EmbeddedBatch, manifest: Manifest, report: BatchReport, title: str) -> None:
@@ -159,10 +202,11 @@ def run_batch(
     output_dir: Path,
     title: str = "Batch",
     stream: TextIO = sys.stderr,
+    engine: Engine | None = None,
 ) -> BatchReport:
-    """Run every item not already done; record each in batch.json; write the contact sheets and
-    index.html. comfy_host's models root and input folder must be set; its output folder is the
-    batch's while it runs."""
+    """Run every item not already done (in this process, or on the `engine`'s workers); record each
+    in batch.json; write the contact sheets and index.html. comfy_host's models root and input folder
+    must be set; its output folder is the batch's while it runs."""
     batch = EmbeddedBatch(runner, workflow, targets, output_dir)
     batch.output_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.open(batch.output_dir)
@@ -176,19 +220,24 @@ def run_batch(
     ]
     report = BatchReport(total=len(order), skipped=len(order) - len(todo))
     progress = Progress(len(todo), stream)
+
+    def on_record(item: Item, record: dict) -> None:
+        manifest.record(item.index, record)
+        ok = record["status"] == "done"
+        report.done += ok
+        report.failed += not ok
+        report.images += len(record.get("images", []))
+        if not ok:
+            report.errors[item.index] = record["error"]
+        outcome = f"{len(record['images'])} image(s)" if ok else f"FAILED: {record['error'][:200]}"
+        progress.item(item, record["values"], outcome, len(record.get("images", [])))
+
+    engine = engine or LocalEngine()
     try:
-        for item in todo:
-            record = batch.run_item(item)
-            manifest.record(item.index, record)
-            ok = record["status"] == "done"
-            report.done += ok
-            report.failed += not ok
-            report.images += len(record.get("images", []))
-            if not ok:
-                report.errors[item.index] = record["error"]
-            outcome = f"{len(record['images'])} image(s)" if ok else f"FAILED: {record['error'][:200]}"
-            progress.item(item, record["values"], outcome, len(record.get("images", [])))
+        if todo:
+            engine.run(batch, todo, on_record)
     finally:  # also on Ctrl-C: what finished is recorded, the scratch folders go
+        report.notes = list(engine.notes)
         manifest.save()
         shutil.rmtree(batch.partial_dir, ignore_errors=True)
     _finish(batch, manifest, report, title)
