@@ -398,4 +398,16 @@ def test_cli_batch_starts_and_stops_its_own_local_ray(models, tmp_path):
     assert "2 done, 0 already done, 0 failed" in done.stdout
     assert "starting 1 worker(s)" in done.stderr
     assert _raylets() == raylets  # the command's own Ray is stopped
+    # without Ray (--engine local, or Ray not installed) the same images, in this process
+    local = [*args[2:-2], "--engine", "local"]
+    local[local.index("--output") + 1] = str(tmp_path / "local")
+    try:
+        assert _cli().main(local) == 0
+    finally:
+        comfy_host.set_models_root("models")
+    for name in ("00000_0.png", "00001_0.png"):
+        images = [_pixels(tmp_path / out / "images" / name) for out in ("b", "local")]
+        assert np.array_equal(*images), name
+    threads = [{r["threads"] for r in _records(tmp_path / out).values()} for out in ("b", "local")]
+    assert threads[0] == threads[1] and len(threads[0]) == 1
     assert sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) == ["00000_0.png", "00001_0.png"]

@@ -15,15 +15,16 @@ Exit status: 0 every item done, 1 some item failed (recorded in DIR/batch.json, 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ...nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_host
 from ..runner import WorkflowFormatError, WorkflowRunner, WorkflowValidationError, load_workflow
 from ..standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
-from .embedded import SWEEP_KEY, BatchReport, EmbeddedBatch, run_batch
+from .embedded import SWEEP_KEY, BatchReport, EmbeddedBatch, LocalEngine, run_batch
 from .manifest import ManifestError
-from .ray_engine import BatchClusterError, RayEngine, ray_installed
+from .ray_engine import BatchClusterError, RayEngine, plan_workers, ray_installed
 from .sweep import MAX_ITEMS, Axis, SweepError, Target, load_spec, parse_set_flag, resolve
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "BatchReport",
     "BatchClusterError",
     "EmbeddedBatch",
+    "LocalEngine",
     "RayEngine",
     "SweepError",
     "Target",
@@ -52,21 +54,24 @@ def _axes(args: argparse.Namespace) -> list[Axis]:
     return axes
 
 
-def _engine(args: argparse.Namespace) -> RayEngine | None:
-    """The Ray engine when asked for (or by default when Ray is installed); None: in this process."""
-    wanted = getattr(args, "engine", "local")
-    if wanted == "local" or (wanted == "auto" and not ray_installed() and not args.address):
-        return None
+def _engine(args: argparse.Namespace) -> RayEngine | LocalEngine:
+    """The Ray engine when asked for (or by default when Ray is installed), else this process with
+    the thread count a local Ray worker would have (the same images either way)."""
     for flag in ("workers", "cpus_per_worker", "gpus_per_worker"):
-        value = getattr(args, flag)
-        if value is not None and (value <= 0 if flag != "gpus_per_worker" else value < 0):
+        value = getattr(args, flag, None)
+        if value is not None and (value < 0 if flag == "gpus_per_worker" else value <= 0):
             raise SweepError(f"--{flag.replace('_', '-')} must be a positive number, not {value}.")
+    wanted = getattr(args, "engine", "local")
+    address = getattr(args, "address", None)
+    if wanted == "local" or (wanted == "auto" and not ray_installed() and not address):
+        cpus = getattr(args, "cpus_per_worker", None)
+        return LocalEngine(cpus or plan_workers(os.cpu_count() or 1, 0, getattr(args, "workers", None)).cpus)
     if not ray_installed():
         raise SweepError(
             "Ray is not installed: `pip install .[batch]` (or `pip install ray`), or run without "
             "--engine ray / --address to render in this process."
         )
-    return RayEngine(args.address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+    return RayEngine(address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
 
 
 def main(args: argparse.Namespace) -> int:

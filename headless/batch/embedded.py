@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+import torch
+
 from ...nodes import comfy_host
 from ..runner import WorkflowRunner
 from ..standin_nodes import image_path
@@ -117,6 +119,7 @@ class EmbeddedBatch:
         workflow = item_workflow(self.workflow, self.targets, item)
         values = item_values(self.targets, item)
         record: dict[str, Any] = {"values": values, "workflow_sha256": workflow_hash(workflow)}
+        record["threads"] = torch.get_num_threads()  # `cli.py run --threads N` gives the same image
         sweep = {"index": item.index, "values": values}
         extra = {"workflow": workflow, SWEEP_KEY: sweep} if is_ui_workflow(workflow) else {SWEEP_KEY: sweep}
         scratch = self.partial_dir / f"{item.index:05}"
@@ -167,13 +170,24 @@ def image_name(item: Item, k: int, source: Path) -> str:
 
 
 class LocalEngine:
-    """Runs the items one after another in this process (the batch's runner keeps models loaded)."""
+    """Runs the items one after another in this process (the batch's runner keeps models loaded),
+    with `threads` torch CPU threads when given (what a Ray worker of that many CPUs uses: on CPU the
+    thread count changes oneDNN's rounding, so the same count gives the same images)."""
 
     notes: tuple[str, ...] = ()
 
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
     def run(self, batch: EmbeddedBatch, todo: Sequence[Item], on_record: OnRecord) -> None:
-        for item in todo:
-            on_record(item, batch.run_item(item))
+        before = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            for item in todo:
+                on_record(item, batch.run_item(item))
+        finally:
+            torch.set_num_threads(before)
 
 
 def _finish(batch: EmbeddedBatch, manifest: Manifest, report: BatchReport, title: str) -> None:
