@@ -5,10 +5,25 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_NAME = "comfyui_diffusers_adapters"
+
+
+def quiet_offline() -> None:
+    """Offline, and only the benchmark's own lines: call before diffusers, transformers or the pack
+    are imported (their verbosity is read at import)."""
+    for key, value in {
+        "DIFFUSERS_ADAPTERS_QUIET": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "DIFFUSERS_VERBOSITY": "error",
+    }.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore")
 
 
 def load_pack(name: str = PACK_NAME):

@@ -26,17 +26,12 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
-os.environ.setdefault("DIFFUSERS_ADAPTERS_QUIET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pack import PACK_NAME, ROOT, load_pack, verdict  # noqa: E402
+from _pack import PACK_NAME, ROOT, load_pack, quiet_offline, verdict  # noqa: E402
+
+quiet_offline()
 
 TARGET_OVERHEAD = 0.10
 

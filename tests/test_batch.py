@@ -7,13 +7,14 @@ The runs use the demo's tiny SD1.x checkpoint and LoRA at 64x64 with 2 steps."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import io
 import json
 from pathlib import Path
 
+import batch_lib as lib
 import numpy as np
 import pytest
+from batch_lib import BROKEN_LORA, LORA_STRENGTH_AT, ROOT, SEED_AT, SEEDS, STRENGTHS
 from PIL import Image
 
 from comfyui_diffusers_adapters.headless import batch, demo
@@ -21,63 +22,23 @@ from comfyui_diffusers_adapters.headless.batch import contact_sheet, manifest, s
 from comfyui_diffusers_adapters.headless.runner import WorkflowRunner, WorkflowValidationError
 from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
 from comfyui_diffusers_adapters.headless.ui_workflow import ui_to_api
-from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_host
-from comfyui_diffusers_adapters.nodes.common import node_id
-
-ROOT = Path(__file__).resolve().parents[1]
-SEED_AT, LORA_STRENGTH_AT = 2, 1  # widgets_values positions in the Sampler and Load LoRA nodes
-BROKEN_LORA = "broken_lora.safetensors"
+from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, comfy_host
 
 
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """The demo checkpoint and LoRA, and a LoRA file that is not a safetensors file at all."""
-    root = tmp_path_factory.mktemp("batch") / "models"
-    demo.write_demo_checkpoint(root)
-    demo.write_demo_lora(root)
-    (root / "loras" / BROKEN_LORA).write_bytes(b"not a safetensors file" * 10)
-    return root
+    return lib.write_models(tmp_path_factory.mktemp("batch") / "models")
 
 
 @pytest.fixture
 def host(models, tmp_path):
-    """comfy_host pointed at the tiny models and a fresh input/output folder; put back afterwards."""
-    comfy_host.set_models_root(models)
-    comfy_host.set_io_directories(tmp_path / "input", tmp_path / "out")
-    yield tmp_path
-    comfy_host.set_models_root("models")
-
-
-def _runner() -> WorkflowRunner:
-    return WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
-
-
-def _workflow() -> dict:
-    """lora_single.json on the demo models, 64x64, 2 steps (UI format, as ComfyUI saves it)."""
-    return demo.demo_workflow(64, 2, "lora_single.json")
-
-
-def _node(workflow: dict, kind: str) -> dict:
-    return next(n for n in workflow["nodes"] if n["type"] == node_id(kind))
+    with lib.host_folders(models, tmp_path) as folder:
+        yield folder
 
 
 def _axes(spec: list, base: Path = ROOT) -> list[sweep.Axis]:
     return sweep.parse_spec(spec, base)
-
-
-SEEDS = {"node": "Diffusers Sampler", "input": "seed", "values": [1, 2]}
-STRENGTHS = {"node": "LoRA Loader (Diffusers)", "input": "strength_model", "range": [0.2, 1.2, 0.5]}
-
-
-def _resolve(spec: list, workflow: dict | None = None, runner: WorkflowRunner | None = None):
-    workflow = workflow or _workflow()
-    return sweep.resolve(workflow, _axes(spec), runner or _runner(), NODE_DISPLAY_NAME_MAPPINGS)
-
-
-def _pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
 
 
 # ------------------------------------------------------------------ spec parsing
@@ -155,10 +116,10 @@ def test_load_spec_reads_json_files(tmp_path):
 
 # ------------------------------------------------------------------ spec against the workflow
 def test_axes_are_found_by_id_title_and_display_name(host):
-    workflow = _workflow()
-    sampler = _node(workflow, "Sampler")
+    workflow = lib.workflow()
+    sampler = lib.node(workflow, "Sampler")
     sampler["title"] = "My sampler"
-    targets = _resolve(
+    targets = lib.resolve(
         [
             {"node": str(sampler["id"]), "input": "seed", "values": [1]},
             {"node": "My sampler", "input": "steps", "values": [2]},
@@ -166,7 +127,9 @@ def test_axes_are_found_by_id_title_and_display_name(host):
         ],
         workflow,
     )
-    assert [t.node_id for t in targets] == [str(sampler["id"])] * 2 + [str(_node(workflow, "LoadLoRA")["id"])]
+    assert [t.node_id for t in targets] == [str(sampler["id"])] * 2 + [
+        str(lib.node(workflow, "LoadLoRA")["id"])
+    ]
     assert targets[2].values == (0.2, 0.7, 1.2)
     # the loader is upstream of the sampler: its axis varies slowest when the items run
     assert targets[2].depth < targets[0].depth
@@ -200,43 +163,43 @@ def test_axes_are_found_by_id_title_and_display_name(host):
     ],
 )
 def test_bad_axes_are_refused_before_anything_runs(host, axis, error, message):
-    runner = _runner()
+    runner = lib.new_runner()
     with pytest.raises(error, match=message):
-        _resolve([axis], runner=runner)
+        lib.resolve([axis], runner=runner)
     assert runner.executed == []
 
 
 def test_ambiguous_titles_and_too_many_items_are_refused(host):
-    workflow = _workflow()
+    workflow = lib.workflow()
     for node in workflow["nodes"]:
         node["title"] = "Same"
     with pytest.raises(sweep.SweepError, match="nodes are called 'Same'"):
-        _resolve([{"node": "Same", "input": "seed", "values": [1]}], workflow)
+        lib.resolve([{"node": "Same", "input": "seed", "values": [1]}], workflow)
     big = [{**SEEDS, "range": [1, 200, 1]}, {**STRENGTHS, "range": [0.0, 1.0, 0.01]}]
     big[0].pop("values")
     with pytest.raises(sweep.SweepError, match="20200 items; at most 10000"):
-        _resolve(big)
+        lib.resolve(big)
 
 
 def test_the_saved_value_of_a_swept_input_does_not_matter(host):
     """A shared workflow names a checkpoint the user does not have; sweeping that input is enough."""
-    workflow = _workflow()
-    _node(workflow, "LoadDreamBooth")["widgets_values"][0] = "not_here.safetensors"
+    workflow = lib.workflow()
+    lib.node(workflow, "LoadDreamBooth")["widgets_values"][0] = "not_here.safetensors"
     with pytest.raises(WorkflowValidationError, match="not_here"):
-        _resolve([SEEDS], workflow)
+        lib.resolve([SEEDS], workflow)
     checkpoints = {"node": "1", "input": "checkpoint", "values": [demo.DEMO_CHECKPOINT]}
-    (target, _) = _resolve([checkpoints, SEEDS], workflow)
+    (target, _) = lib.resolve([checkpoints, SEEDS], workflow)
     assert (target.node_id, target.position, target.depth) == ("1", 0, 0)
 
 
 def test_an_input_swept_twice_is_refused(host):
     with pytest.raises(sweep.SweepError, match="swept twice"):
-        _resolve([SEEDS, {"node": "2", "input": "seed", "values": [3]}])
+        lib.resolve([SEEDS, {"node": "2", "input": "seed", "values": [3]}])
 
 
 def test_api_prompts_are_swept_in_their_inputs(host):
-    prompt = {k: v for k, v in ui_to_api(_workflow(), _runner().node_classes).items()}
-    targets = _resolve([SEEDS, STRENGTHS], prompt)
+    prompt = {k: v for k, v in ui_to_api(lib.workflow(), lib.new_runner().node_classes).items()}
+    targets = lib.resolve([SEEDS, STRENGTHS], prompt)
     item = sweep.items_in_run_order(targets)[-1]
     changed = sweep.item_workflow(prompt, targets, item)
     assert changed["2"]["inputs"]["seed"] == 2 and changed["10"]["inputs"]["strength_model"] == 1.2
@@ -244,61 +207,39 @@ def test_api_prompts_are_swept_in_their_inputs(host):
 
 
 def test_item_workflow_sets_the_widget_value_and_nothing_else(host):
-    workflow = _workflow()
-    targets = _resolve([SEEDS, STRENGTHS], workflow)
+    workflow = lib.workflow()
+    targets = lib.resolve([SEEDS, STRENGTHS], workflow)
     items = sweep.items_in_run_order(targets)
     assert len(items) == 6
     item = next(i for i in items if i.coords == (1, 2))
     changed = sweep.item_workflow(workflow, targets, item)
     expected = copy.deepcopy(workflow)
-    _node(expected, "Sampler")["widgets_values"][SEED_AT] = 2
-    _node(expected, "LoadLoRA")["widgets_values"][LORA_STRENGTH_AT] = 1.2
+    lib.node(expected, "Sampler")["widgets_values"][SEED_AT] = 2
+    lib.node(expected, "LoadLoRA")["widgets_values"][LORA_STRENGTH_AT] = 1.2
     assert changed == expected
     # run order: the LoRA strength (upstream) changes slowest, the seed fastest
     assert [i.coords for i in items] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
 
 
 # ------------------------------------------------------------------ runs
-def _cli():
-    """cli.py as a module, the way tests/conftest.py loads it."""
-    spec = importlib.util.spec_from_file_location("_batch_test_cli", ROOT / "cli.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
-
-
-def _separate_runs(tmp_path: Path, workflow: dict, models: Path) -> dict[tuple[int, float], Path]:
-    """Six separate `cli.py run` calls, each workflow edited by hand (not by the batch code)."""
-    cli, found = _cli(), {}
-    for seed in (1, 2):
-        for strength in (0.2, 0.7, 1.2):
-            edited = copy.deepcopy(workflow)
-            _node(edited, "Sampler")["widgets_values"][SEED_AT] = seed
-            _node(edited, "LoadLoRA")["widgets_values"][LORA_STRENGTH_AT] = strength
-            path = tmp_path / f"wf_{seed}_{strength}.json"
-            path.write_text(json.dumps(edited), encoding="utf-8")
-            out = tmp_path / f"run_{seed}_{strength}"
-            assert cli.main(["run", str(path), "--models", str(models), "--output", str(out)]) == 0
-            (found[seed, strength],) = list(out.glob("*.png"))
-    return found
-
-
 @pytest.mark.slow
 def test_a_2x3_sweep_gives_the_images_of_six_separate_runs(host, models, tmp_path):
-    workflow = _workflow()
-    targets = _resolve([SEEDS, STRENGTHS], workflow)
-    report = batch.run_batch(_runner(), workflow, targets, tmp_path / "batch", stream=io.StringIO())
+    workflow = lib.workflow()
+    targets = lib.resolve([SEEDS, STRENGTHS], workflow)
+    report = batch.run_batch(lib.new_runner(), workflow, targets, tmp_path / "batch", stream=io.StringIO())
     assert (report.done, report.failed, report.images) == (6, 0, 6)
-    singles = _separate_runs(tmp_path, workflow, models)
+    singles = lib.separate_runs(tmp_path, workflow, models)
     record = json.loads((tmp_path / "batch" / "batch.json").read_text())["items"]
     for index, (seed, strength) in enumerate([(s, v) for s in (1, 2) for v in (0.2, 0.7, 1.2)]):
         (image,) = record[str(index)]["images"]
         assert record[str(index)]["values"] == {"Diffusers Sampler.seed": seed, SWEPT_STRENGTH: strength}
-        assert np.array_equal(_pixels(tmp_path / "batch" / image), _pixels(singles[seed, strength])), index
+        assert np.array_equal(lib.pixels(tmp_path / "batch" / image), lib.pixels(singles[seed, strength])), (
+            index
+        )
     # the images differ along both axes (the sweep did change something)
-    first = _pixels(singles[1, 0.2])
-    assert not np.array_equal(first, _pixels(singles[2, 0.2]))
-    assert not np.array_equal(first, _pixels(singles[1, 1.2]))
+    first = lib.pixels(singles[1, 0.2])
+    assert not np.array_equal(first, lib.pixels(singles[2, 0.2]))
+    assert not np.array_equal(first, lib.pixels(singles[1, 1.2]))
 
 
 SWEPT_STRENGTH = "LoRA Loader (Diffusers).strength_model"
@@ -306,16 +247,16 @@ SWEPT_STRENGTH = "LoRA Loader (Diffusers).strength_model"
 
 @pytest.mark.slow
 def test_png_metadata_restores_the_item(host, tmp_path):
-    workflow = _workflow()
-    targets = _resolve([{**SEEDS, "values": [7]}, {**STRENGTHS, "range": [0.5, 0.5, 1]}], workflow)
-    batch.run_batch(_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO())
+    workflow = lib.workflow()
+    targets = lib.resolve([{**SEEDS, "values": [7]}, {**STRENGTHS, "range": [0.5, 0.5, 1]}], workflow)
+    batch.run_batch(lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO())
     with Image.open(tmp_path / "b" / "images" / "00000_0.png") as img:
         text = dict(img.text)
     (item,) = sweep.items_in_run_order(targets)
     assert json.loads(text["workflow"]) == sweep.item_workflow(workflow, targets, item)
-    assert _node(json.loads(text["workflow"]), "Sampler")["widgets_values"][SEED_AT] == 7
+    assert lib.node(json.loads(text["workflow"]), "Sampler")["widgets_values"][SEED_AT] == 7
     prompt = json.loads(text["prompt"])
-    sampler_id = str(_node(workflow, "Sampler")["id"])
+    sampler_id = str(lib.node(workflow, "Sampler")["id"])
     assert prompt[sampler_id]["inputs"]["seed"] == 7
     assert json.loads(text[batch.SWEEP_KEY]) == {
         "index": 0,
@@ -335,9 +276,9 @@ class CountingRunner(WorkflowRunner):
 
 @pytest.mark.slow
 def test_rerun_skips_done_items_and_a_failing_item_does_not_stop_the_rest(host, tmp_path):
-    workflow = _workflow()
+    workflow = lib.workflow()
     loras = {"node": "LoRA Loader (Diffusers)", "input": "lora_name", "values": [demo.DEMO_LORA, BROKEN_LORA]}
-    targets = _resolve([loras, {**SEEDS, "values": [1, 2]}], workflow)
+    targets = lib.resolve([loras, {**SEEDS, "values": [1, 2]}], workflow)
     runner = CountingRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
     log = io.StringIO()
     report = batch.run_batch(runner, workflow, targets, tmp_path / "b", stream=log)
@@ -355,8 +296,8 @@ def test_rerun_skips_done_items_and_a_failing_item_does_not_stop_the_rest(host, 
     assert (again.calls, report.skipped, report.failed) == (2, 2, 2)
     # an image that went missing is rendered again; a changed workflow reruns its items
     (tmp_path / "b" / "images" / "00001_0.png").unlink()
-    _node(workflow, "Sampler")["widgets_values"][1] = "a changed negative prompt"
-    targets = _resolve([{**loras, "values": [demo.DEMO_LORA]}, {**SEEDS, "values": [1, 2]}], workflow)
+    lib.node(workflow, "Sampler")["widgets_values"][1] = "a changed negative prompt"
+    targets = lib.resolve([{**loras, "values": [demo.DEMO_LORA]}, {**SEEDS, "values": [1, 2]}], workflow)
     third = CountingRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
     report = batch.run_batch(third, workflow, targets, tmp_path / "b", stream=io.StringIO())
     assert (third.calls, report.done) == (2, 2)
@@ -374,8 +315,8 @@ class InterruptedRunner(CountingRunner):
 
 @pytest.mark.slow
 def test_ctrl_c_leaves_finished_items_recorded_and_nothing_half_written(host, tmp_path):
-    workflow = _workflow()
-    targets = _resolve([{**SEEDS, "values": [1, 2, 3, 4]}], workflow)
+    workflow = lib.workflow()
+    targets = lib.resolve([{**SEEDS, "values": [1, 2, 3, 4]}], workflow)
     runner = InterruptedRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
     with pytest.raises(KeyboardInterrupt):
         batch.run_batch(runner, workflow, targets, tmp_path / "b", stream=io.StringIO())
@@ -479,13 +420,13 @@ def test_index_html_escapes_every_value(tmp_path):
 
 def test_cli_batch_refuses_a_bad_sweep_with_status_2(host, models, tmp_path, capsys):
     path = tmp_path / "wf.json"
-    path.write_text(json.dumps(_workflow()), encoding="utf-8")
+    path.write_text(json.dumps(lib.workflow()), encoding="utf-8")
     common = ["batch", str(path), "--models", str(models), "--output", str(tmp_path / "b")]
-    assert _cli().main([*common, "--set", "Nope.seed=1,2"]) == 2
+    assert lib.load_cli().main([*common, "--set", "Nope.seed=1,2"]) == 2
     assert "no node has the id or title 'Nope'" in capsys.readouterr().err
-    assert _cli().main(common) == 2
+    assert lib.load_cli().main(common) == 2
     assert "--sweep" in capsys.readouterr().err
-    assert _cli().main([*common, "--set", "Diffusers Sampler.steps=2,-1"]) == 2
+    assert lib.load_cli().main([*common, "--set", "Diffusers Sampler.steps=2,-1"]) == 2
     assert "minimum" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 
@@ -493,10 +434,10 @@ def test_cli_batch_refuses_a_bad_sweep_with_status_2(host, models, tmp_path, cap
 @pytest.mark.slow
 def test_cli_batch_runs_a_sweep(host, models, tmp_path, capsys):
     path = tmp_path / "wf.json"
-    path.write_text(json.dumps(_workflow()), encoding="utf-8")
+    path.write_text(json.dumps(lib.workflow()), encoding="utf-8")
     (tmp_path / "spec.json").write_text(json.dumps([{**SEEDS, "values": [3]}]), encoding="utf-8")
     args = ["batch", str(path), "--sweep", str(tmp_path / "spec.json"), "--models", str(models)]
-    assert _cli().main([*args, "--output", str(tmp_path / "b"), "--engine", "local"]) == 0
+    assert lib.load_cli().main([*args, "--output", str(tmp_path / "b"), "--engine", "local"]) == 0
     assert "1 done, 0 already done, 0 failed" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
         "batch.json",

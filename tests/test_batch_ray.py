@@ -8,8 +8,6 @@ differs by 2.7e-7 between 1 and 2 threads), so the single runs use `--threads 1`
 
 from __future__ import annotations
 
-import copy
-import importlib.util
 import io
 import json
 import os
@@ -20,24 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+import batch_lib as lib
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from batch_lib import BROKEN_LORA, GRID, ROOT, SEEDS, STRENGTHS
 
 from comfyui_diffusers_adapters.headless import batch, demo
 from comfyui_diffusers_adapters.headless.batch import model_manifest, ray_engine, sweep, worker
-from comfyui_diffusers_adapters.headless.runner import WorkflowRunner
-from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
-from comfyui_diffusers_adapters.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_host
-from comfyui_diffusers_adapters.nodes.common import node_id
-
-ROOT = Path(__file__).resolve().parents[1]
-SEED_AT, LORA_STRENGTH_AT = 2, 1  # widgets_values positions in the Sampler and Load LoRA nodes
-BROKEN_LORA = "broken_lora.safetensors"
-SEEDS = {"node": "Diffusers Sampler", "input": "seed", "values": [1, 2]}
-STRENGTHS = {"node": "LoRA Loader (Diffusers)", "input": "strength_model", "range": [0.2, 1.2, 0.5]}
-GRID = [(s, v) for s in (1, 2) for v in (0.2, 0.7, 1.2)]  # sweep order: seed slowest
+from comfyui_diffusers_adapters.nodes import comfy_host
 
 needs_ray = pytest.mark.skipif(not ray_engine.ray_installed(), reason="Ray is an optional extra")
 
@@ -129,11 +118,7 @@ def test_file_manifest_names_the_files_and_caches_hashes(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("ray_batch") / "models"
-    demo.write_demo_checkpoint(root)
-    demo.write_demo_lora(root)
-    (root / "loras" / BROKEN_LORA).write_bytes(b"not a safetensors file" * 10)
-    return root
+    return lib.write_models(tmp_path_factory.mktemp("ray_batch") / "models")
 
 
 @pytest.fixture(scope="module")
@@ -157,61 +142,18 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture
 def host(models, tmp_path):
-    comfy_host.set_models_root(models)
-    comfy_host.set_io_directories(tmp_path / "input", tmp_path / "out")
-    yield tmp_path
-    comfy_host.set_models_root("models")
-
-
-def _runner() -> WorkflowRunner:
-    return WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
-
-
-def _workflow() -> dict:
-    return demo.demo_workflow(64, 2, "lora_single.json")
-
-
-def _node(workflow: dict, kind: str) -> dict:
-    return next(n for n in workflow["nodes"] if n["type"] == node_id(kind))
-
-
-def _resolve(spec: list, workflow: dict) -> list[sweep.Target]:
-    return sweep.resolve(workflow, sweep.parse_spec(spec, ROOT), _runner(), NODE_DISPLAY_NAME_MAPPINGS)
-
-
-def _pixels(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("_ray_batch_test_cli", ROOT / "cli.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli
+    with lib.host_folders(models, tmp_path) as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")
 def singles(models, tmp_path_factory) -> dict[tuple[int, float], np.ndarray]:
-    """Six separate `cli.py run --threads 1` calls, each workflow edited by hand."""
-    tmp, cli, found = tmp_path_factory.mktemp("singles"), _cli(), {}
-    threads = torch.get_num_threads()
+    """Six separate `cli.py run --threads 1` calls (one thread, as the workers here)."""
     try:
-        for seed, strength in GRID:
-            edited = copy.deepcopy(_workflow())
-            _node(edited, "Sampler")["widgets_values"][SEED_AT] = seed
-            _node(edited, "LoadLoRA")["widgets_values"][LORA_STRENGTH_AT] = strength
-            path = tmp / f"wf_{seed}_{strength}.json"
-            path.write_text(json.dumps(edited), encoding="utf-8")
-            out = tmp / f"run_{seed}_{strength}"
-            args = ["run", str(path), "--models", str(models), "--output", str(out), "--threads", "1"]
-            assert cli.main(args) == 0
-            (image,) = out.glob("*.png")
-            found[seed, strength] = _pixels(image)
+        found = lib.separate_runs(tmp_path_factory.mktemp("singles"), lib.workflow(), models, threads=1)
     finally:
-        torch.set_num_threads(threads)
         comfy_host.set_models_root("models")
-    return found
+    return {key: lib.pixels(path) for key, path in found.items()}
 
 
 def _engine(**kwargs) -> batch.RayEngine:
@@ -226,17 +168,17 @@ def _assert_same_as_singles(folder: Path, singles) -> None:
     items = _records(folder)
     for index, (seed, strength) in enumerate(GRID):
         (image,) = items[str(index)]["images"]
-        assert np.array_equal(_pixels(folder / image), singles[seed, strength]), index
+        assert np.array_equal(lib.pixels(folder / image), singles[seed, strength]), index
 
 
 # ------------------------------------------------------------------ on the cluster
 @needs_ray
 @pytest.mark.slow
 def test_a_2x3_sweep_on_two_workers_gives_the_images_of_six_runs(cluster, host, singles, tmp_path):
-    workflow = _workflow()
-    targets = _resolve([SEEDS, STRENGTHS], workflow)
+    workflow = lib.workflow()
+    targets = lib.resolve([SEEDS, STRENGTHS], workflow)
     report = batch.run_batch(
-        _runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
+        lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
     )
     assert (report.done, report.failed, report.images, report.notes) == (6, 0, 6, [])
     _assert_same_as_singles(tmp_path / "b", singles)
@@ -248,12 +190,12 @@ def test_a_2x3_sweep_on_two_workers_gives_the_images_of_six_runs(cluster, host, 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
     try:
-        local = batch.run_batch(_runner(), workflow, targets, tmp_path / "local", stream=io.StringIO())
+        local = batch.run_batch(lib.new_runner(), workflow, targets, tmp_path / "local", stream=io.StringIO())
     finally:
         torch.set_num_threads(threads)
     (sheet,) = report.sheets
     assert sheet.name == local.sheets[0].name == "contact_sheet.png"
-    assert np.array_equal(_pixels(sheet), _pixels(local.sheets[0]))
+    assert np.array_equal(lib.pixels(sheet), lib.pixels(local.sheets[0]))
     html = report.index.read_text(encoding="utf-8")
     assert all(f"images/{i:05}_0.png" in html for i in range(6))
 
@@ -268,11 +210,11 @@ def test_a_killed_worker_is_restarted_and_its_item_retried(cluster, host, single
             killed.append(worker.pid)
             os.kill(worker.pid, signal.SIGKILL)
 
-    workflow = _workflow()
-    targets = _resolve([SEEDS, STRENGTHS], workflow)
+    workflow = lib.workflow()
+    targets = lib.resolve([SEEDS, STRENGTHS], workflow)
     engine = _engine(on_dispatch=kill_on_item_4)
     report = batch.run_batch(
-        _runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=engine
+        lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=engine
     )
     assert killed and (report.done, report.failed) == (6, 0)
     assert any("died running item 4" in note for note in report.notes)
@@ -285,11 +227,11 @@ def test_a_killed_worker_is_restarted_and_its_item_retried(cluster, host, single
 @needs_ray
 @pytest.mark.slow
 def test_a_failing_item_is_reported_and_a_rerun_skips_finished_items(cluster, host, tmp_path):
-    workflow = _workflow()
+    workflow = lib.workflow()
     loras = {"node": "LoRA Loader (Diffusers)", "input": "lora_name", "values": [demo.DEMO_LORA, BROKEN_LORA]}
-    targets = _resolve([loras, SEEDS], workflow)
+    targets = lib.resolve([loras, SEEDS], workflow)
     report = batch.run_batch(
-        _runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
+        lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
     )
     assert (report.done, report.failed) == (2, 2)
     items = _records(tmp_path / "b")
@@ -298,15 +240,15 @@ def test_a_failing_item_is_reported_and_a_rerun_skips_finished_items(cluster, ho
     assert sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) == ["00000_0.png", "00001_0.png"]
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b" / "images").iterdir()}
     again = batch.run_batch(
-        _runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
+        lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
     )
     assert (again.skipped, again.done, again.failed) == (2, 0, 2)  # only the failed items ran again
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "b" / "images").iterdir()} == before
     # everything done: the rerun starts no worker at all
-    done = _resolve([{**loras, "values": [demo.DEMO_LORA]}, SEEDS], workflow)
+    done = lib.resolve([{**loras, "values": [demo.DEMO_LORA]}, SEEDS], workflow)
     log = io.StringIO()
     report = batch.run_batch(
-        _runner(), workflow, done, tmp_path / "b", stream=log, engine=_engine(stream=log)
+        lib.new_runner(), workflow, done, tmp_path / "b", stream=log, engine=_engine(stream=log)
     )
     assert (report.skipped, report.done) == (2, 0) and "starting" not in log.getvalue()
 
@@ -320,11 +262,11 @@ def test_a_worker_that_sees_another_model_file_is_refused(cluster, host, models,
     data = bytearray(lora.read_bytes())
     data[-1] ^= 1  # same size, one bit different
     lora.write_bytes(bytes(data))
-    workflow = _workflow()
-    targets = _resolve([{**SEEDS, "values": [1, 2, 3]}], workflow)
+    workflow = lib.workflow()
+    targets = lib.resolve([{**SEEDS, "values": [1, 2, 3]}], workflow)
     engine = _engine(worker_env=[{}, {worker.MODELS_ENV: str(other)}])
     report = batch.run_batch(
-        _runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=engine
+        lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=engine
     )
     assert report.done == 3
     (note,) = report.notes
@@ -337,7 +279,7 @@ def test_a_worker_that_sees_another_model_file_is_refused(cluster, host, models,
     # every worker refused: nothing runs, and the error names the file
     engine = _engine(worker_env=[{worker.MODELS_ENV: str(other)}] * 2)
     with pytest.raises(batch.BatchClusterError, match=f"loras/{demo.DEMO_LORA} differs"):
-        batch.run_batch(_runner(), workflow, targets, tmp_path / "c", stream=io.StringIO(), engine=engine)
+        batch.run_batch(lib.new_runner(), workflow, targets, tmp_path / "c", engine=engine)
     assert not (tmp_path / "c" / "images").exists()
 
 
@@ -348,13 +290,13 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing_half_written(cluster, host,
         if item.index == 2:
             raise KeyboardInterrupt
 
-    workflow = _workflow()
-    targets = _resolve([{**SEEDS, "values": [1, 2, 3, 4]}], workflow)
+    workflow = lib.workflow()
+    targets = lib.resolve([{**SEEDS, "values": [1, 2, 3, 4]}], workflow)
     engine = batch.RayEngine(
         workers=1, cpus_per_worker=1, stream=io.StringIO(), on_dispatch=interrupt_on_item_2
     )
     with pytest.raises(KeyboardInterrupt):
-        batch.run_batch(_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=engine)
+        batch.run_batch(lib.new_runner(), workflow, targets, tmp_path / "b", engine=engine)
     assert sorted(_records(tmp_path / "b")) == ["0", "1"]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["batch.json", "images"]
     assert sorted(p.name for p in (tmp_path / "b" / "images").iterdir()) == ["00000_0.png", "00001_0.png"]
@@ -366,7 +308,7 @@ def test_ctrl_c_stops_the_workers_and_leaves_nothing_half_written(cluster, host,
         time.sleep(0.1)
     assert cluster.available_resources().get("CPU") == 2
     report = batch.run_batch(
-        _runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
+        lib.new_runner(), workflow, targets, tmp_path / "b", stream=io.StringIO(), engine=_engine()
     )
     assert (report.skipped, report.done) == (2, 2)
 
@@ -388,7 +330,7 @@ def _raylets() -> set[int]:
 def test_cli_batch_starts_and_stops_its_own_local_ray(models, tmp_path):
     """`cli.py batch` with no cluster running: a local Ray for the command, gone afterwards."""
     path = tmp_path / "wf.json"
-    path.write_text(json.dumps(_workflow()), encoding="utf-8")
+    path.write_text(json.dumps(lib.workflow()), encoding="utf-8")
     env = {**os.environ, "DIFFUSERS_ADAPTERS_CACHE": str(tmp_path / "cache"), "RAY_ADDRESS": ""}
     args = [sys.executable, str(ROOT / "cli.py"), "batch", str(path), "--models", str(models)]
     args += ["--set", "Diffusers Sampler.seed=5,6", "--output", str(tmp_path / "b"), "--engine", "ray"]
@@ -402,11 +344,11 @@ def test_cli_batch_starts_and_stops_its_own_local_ray(models, tmp_path):
     local = [*args[2:-2], "--engine", "local"]
     local[local.index("--output") + 1] = str(tmp_path / "local")
     try:
-        assert _cli().main(local) == 0
+        assert lib.load_cli().main(local) == 0
     finally:
         comfy_host.set_models_root("models")
     for name in ("00000_0.png", "00001_0.png"):
-        images = [_pixels(tmp_path / out / "images" / name) for out in ("b", "local")]
+        images = [lib.pixels(tmp_path / out / "images" / name) for out in ("b", "local")]
         assert np.array_equal(*images), name
     threads = [{r["threads"] for r in _records(tmp_path / out).values()} for out in ("b", "local")]
     assert threads[0] == threads[1] and len(threads[0]) == 1
