@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: on Ray when it is installed (a local Ray, or --address), else in this process",
     )
-    batch.add_argument("--address", help="join this Ray cluster (e.g. auto, or ray://head:10001)")
+    batch.add_argument("--address", help="join this Ray cluster: auto (on one of its nodes) or HEAD_IP:6379")
     batch.add_argument("--workers", type=int, help="Ray workers (default: one per GPU, or per 8 cores)")
     batch.add_argument("--cpus-per-worker", type=int, help="CPU cores per Ray worker (its torch threads)")
     batch.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray worker (default 1 on GPU nodes)")

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -156,13 +157,20 @@ class RayEngine:
         """Join the cluster (or start a local one); True when this call started it."""
         if ray.is_initialized():
             return False
-        ray.init(
-            address=self.address or "local",
-            num_cpus=None if self.address else os.cpu_count(),
-            include_dashboard=False,
-            log_to_driver=False,  # workers' progress bars; a failed item's error is in its record
-            logging_level=logging.WARNING,
-        )
+        try:
+            ray.init(
+                address=self.address or "local",
+                num_cpus=None if self.address else os.cpu_count(),
+                include_dashboard=False,
+                log_to_driver=False,  # workers' progress bars; a failed item's error is in its record
+                logging_level=logging.WARNING,
+            )
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            where = f"join the Ray cluster at {self.address!r}" if self.address else "start a local Ray"
+            raise BatchClusterError(
+                f"Cannot {where}: {_short(exc)} (--address takes 'auto' on a node of the cluster, or "
+                "HEAD_IP:6379; run without --address for a local Ray, or --engine local)."
+            ) from None
         return True
 
     def _start_workers(self, ray: Any, batch: EmbeddedBatch) -> list[Worker]:
@@ -205,12 +213,15 @@ class RayEngine:
             f"starting {plan.count} worker(s), {plan.cpus} CPU(s) and {plan.gpus:g} GPU(s) each; "
             f"{len(expected) - 1} model/input file(s) checked on each\n"
         )
+        started = time.monotonic()
         checks = [w.actor.check.remote() for w in workers]
         for worker, ref in zip(workers, checks):
             self._admit(ray, worker, ref)
         ready = [w for w in workers if w.pid is not None]
         if not ready:
             raise BatchClusterError("No worker can run the batch:\n" + "\n".join(self.notes))
+        hosts, seconds = len({w.host for w in ready}), time.monotonic() - started
+        self.stream.write(f"{len(ready)} worker(s) ready on {hosts} node(s) in {seconds:.1f} s\n")
         return ready
 
     def _admit(self, ray: Any, worker: Worker, ref: Any) -> bool:
