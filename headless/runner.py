@@ -229,6 +229,16 @@ class WorkflowRunner:
         return results
 
     # ------------------------------------------------------------ validation
+    def validate(self, prompt: dict) -> list[str]:
+        """Check an API prompt as `run` does (INPUT_TYPES asked afresh), converting widget values in
+        place; the node ids a run would execute, in order. Raises WorkflowValidationError."""
+        self._declared = {}
+        return self._validate(prompt)
+
+    def validate_node(self, prompt: dict, node_id: str) -> list[str]:
+        """The problems of one node's inputs as a run would find them (values converted in place)."""
+        return self._validate_node(prompt, node_id)
+
     def _validate(self, prompt: dict) -> list[str]:
         """Validate; returns the node ids to execute in topological order."""
         problems: list[str] = []

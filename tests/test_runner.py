@@ -459,6 +459,21 @@ def test_validation_lists_every_problem_with_node_ids():
     assert CALLS == []
 
 
+def test_validate_checks_without_running():
+    runner = WorkflowRunner(NODES)
+    prompt = api_prompt()
+    prompt["6"] = {"class_type": "Show", "inputs": {"number": ["1", 0], "label": 3}}
+    assert runner.validate(prompt) == ["1", "2", "3", "4", "6"]  # what a run would execute, in order
+    assert prompt["6"]["inputs"]["label"] == "3"  # converted in place, as a run does
+    assert CALLS == [] and runner.executed == []
+    prompt["1"]["inputs"]["value"] = 5000
+    assert runner.validate_node(prompt, "1") == [
+        "Node 1 (Number): input 'value': value 5000 is bigger than the maximum 1000."
+    ]
+    with pytest.raises(WorkflowValidationError, match="bigger than the maximum"):
+        runner.validate(prompt)
+
+
 def test_validation_of_links_and_outputs():
     runner = WorkflowRunner(NODES)
     with pytest.raises(WorkflowValidationError, match="no output node"):

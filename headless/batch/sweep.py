@@ -299,7 +299,7 @@ def _checked_values(axis: Axis, node_id: str, prompt: dict, runner: WorkflowRunn
         trial = dict(prompt)
         node = trial[node_id] = copy.deepcopy(prompt[node_id])
         node["inputs"][axis.input] = value
-        found = runner._validate_node(trial, node_id)  # noqa: SLF001 - the runner's checks, per node
+        found = runner.validate_node(trial, node_id)
         problems += [f"{axis.label} = {str(value)[:60]!r}: {p}" for p in found]
         converted.append(node["inputs"][axis.input])
     if problems:
@@ -340,8 +340,7 @@ def resolve(
         # the workflow is checked with the sweep's first values: the saved value of a swept input
         # (a checkpoint the user does not have) does not matter
         prompt[node_id]["inputs"][axis.input] = axis.values[0]
-    runner._declared = {}  # noqa: SLF001 - INPUT_TYPES asked afresh, as a run does
-    runner._validate(copy.deepcopy(prompt))  # noqa: SLF001 - the rest of the workflow must be valid
+    runner.validate(copy.deepcopy(prompt))  # the rest of the workflow must be valid
     depths = _depths(prompt)
     return [
         Target(
