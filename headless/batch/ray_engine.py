@@ -173,7 +173,7 @@ class RayEngine:
             ) from None
         return True
 
-    def _start_workers(self, ray: Any, batch: EmbeddedBatch) -> list[Worker]:
+    def _start_workers(self, ray: Any, batch: EmbeddedBatch, items: int) -> list[Worker]:
         resources = ray.cluster_resources()
         plan = plan_workers(
             resources.get("CPU", 0),
@@ -195,7 +195,8 @@ class RayEngine:
         )
         ray.cloudpickle.register_pickle_by_value(ray_actor)
         workers = []
-        for number in range(1, plan.count + 1):
+        count = min(plan.count, items)  # a worker with nothing to do would only load models
+        for number in range(1, count + 1):
             env = self.worker_env[number - 1] if number <= len(self.worker_env) else {}
             actor = (
                 ray.remote(ray_actor.BatchActor)
@@ -210,7 +211,7 @@ class RayEngine:
             )
             workers.append(Worker(number, actor))
         self.stream.write(
-            f"starting {plan.count} worker(s), {plan.cpus} CPU(s) and {plan.gpus:g} GPU(s) each; "
+            f"starting {count} worker(s), {plan.cpus} CPU(s) and {plan.gpus:g} GPU(s) each; "
             f"{len(expected) - 1} model/input file(s) checked on each\n"
         )
         started = time.monotonic()
@@ -249,7 +250,7 @@ class RayEngine:
         started = self._connect(ray)
         workers: list[Worker] = []
         try:
-            workers = self._start_workers(ray, batch)
+            workers = self._start_workers(ray, batch, len(todo))
             self._dispatch(ray, batch, workers, todo, on_record)
         finally:  # also on Ctrl-C: the actors go (a local Ray with them); unfinished items rerun
             for worker in workers:
