@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -186,6 +187,10 @@ def test_a_2x3_sweep_on_two_workers_gives_the_images_of_six_runs(cluster, host, 
     # both workers rendered; items sharing a LoRA strength (the upstream axis) stayed on one worker
     assert len({items[str(i)]["worker"] for i in range(6)}) == 2
     assert items["0"]["worker"] == items["3"]["worker"] and items["1"]["worker"] == items["4"]["worker"]
+    # the workers removed their scratch folders before they were stopped
+    pids = {r["worker"].split("pid ")[1].split(" ")[0] for r in items.values()}
+    temp = Path(tempfile.gettempdir())
+    assert not [p for pid in pids for p in temp.glob(f"{worker.SCRATCH_PREFIX}{pid}-*")]
     # the contact sheet is the one the in-process batch draws: 2 rows (seeds) x 3 columns (strengths)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers
@@ -221,6 +226,8 @@ def test_a_killed_worker_is_restarted_and_its_item_retried(cluster, host, single
     items = _records(tmp_path / "b")
     assert items["4"]["retried_after_worker_death"] == 1
     assert f"pid {killed[0]} " not in items["4"]["worker"]  # a new process rendered it
+    # the killed process's scratch folder was removed by its replacement
+    assert not list(Path(tempfile.gettempdir()).glob(f"{worker.SCRATCH_PREFIX}{killed[0]}-*"))
     _assert_same_as_singles(tmp_path / "b", singles)
 
 

@@ -47,5 +47,8 @@ class BatchActor:
     def check(self) -> dict:
         return self.worker.check()
 
+    def close(self) -> None:
+        self.worker.close()
+
     def run_item(self, index: int, coords: list) -> tuple:
         return self.worker.run_item(index, coords)

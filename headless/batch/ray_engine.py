@@ -35,6 +35,7 @@ DEFAULT_CPUS_PER_WORKER = 8
 # restarts are bounded by the items anyway, this only stops a worker that dies while starting.
 MAX_RESTARTS = 4
 PACK_NAME = __name__.split(".")[0]
+CLOSE_TIMEOUT_S = 10  # for workers to remove their scratch folders at the end
 
 
 class BatchClusterError(RuntimeError):
@@ -249,17 +250,31 @@ class RayEngine:
         ray = _ray()
         started = self._connect(ray)
         workers: list[Worker] = []
+        finished = False
         try:
             workers = self._start_workers(ray, batch, len(todo))
             self._dispatch(ray, batch, workers, todo, on_record)
+            finished = True
         finally:  # also on Ctrl-C: the actors go (a local Ray with them); unfinished items rerun
-            for worker in workers:
-                try:
-                    ray.kill(worker.actor, no_restart=True)
-                except Exception:  # noqa: BLE001 - already gone
-                    pass
+            self._stop(ray, workers, close=finished)
             if started:
                 ray.shutdown()
+
+    @staticmethod
+    def _stop(ray: Any, workers: list[Worker], close: bool) -> None:
+        """Stop the actors; after a finished batch, first let them remove their scratch folders (after
+        Ctrl-C or an error, at once: the next batch on that node removes what is left)."""
+        if close:
+            closing = [w.actor.close.remote() for w in workers if w.pid is not None]
+            try:
+                ray.get(closing, timeout=CLOSE_TIMEOUT_S)
+            except Exception:  # noqa: BLE001 - a worker that died meanwhile: the next batch cleans up
+                pass
+        for worker in workers:
+            try:
+                ray.kill(worker.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     def _dispatch(
         self,

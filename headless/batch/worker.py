@@ -10,6 +10,7 @@ before, and independently of, importing the pack.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -29,6 +30,7 @@ PACK_ROOT = Path(__file__).resolve().parents[2]
 # A node whose models folder sits elsewhere than the --models path sets this before `ray start`
 # (the files themselves must still be the same: the manifest check compares them).
 MODELS_ENV = "DIFFUSERS_ADAPTERS_BATCH_MODELS"
+SCRATCH_PREFIX = "diffusers-adapters-batch-"  # + pid: a worker's scratch folder in the temp folder
 
 
 def target_data(target: Target) -> dict[str, Any]:
@@ -70,6 +72,20 @@ def worker_config(
     }
 
 
+def _remove_dead_workers_scratch() -> None:
+    """Scratch folders of workers that were killed (their pid is gone): they never cleaned up."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = folder.name[len(SCRATCH_PREFIX) :].split("-")[0]
+        if not pid.isdigit() or not folder.is_dir() or folder.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # alive, another user's process
+
+
 class BatchWorker:
     """One worker's state: the runner (models stay loaded between items) and its manifest check."""
 
@@ -78,7 +94,8 @@ class BatchWorker:
             torch.set_num_threads(config["threads"])
         self.models = os.environ.get(MODELS_ENV) or config["models"]
         comfy_host.set_models_root(self.models)
-        self.scratch = Path(tempfile.mkdtemp(prefix="diffusers-adapters-batch-"))
+        _remove_dead_workers_scratch()
+        self.scratch = Path(tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-"))
         comfy_host.set_io_directories(config["input"], self.scratch)
         self.problems = differences(config["expected"], file_manifest(config["names"], PACK_ROOT))
         runner = WorkflowRunner({**STANDIN_NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS})
@@ -88,6 +105,11 @@ class BatchWorker:
     def check(self) -> dict[str, Any]:
         """Who this worker is and what it sees differently (empty when it may render)."""
         return {"pid": os.getpid(), "host": socket.gethostname(), "problems": self.problems}
+
+    def close(self) -> None:
+        """Remove this worker's scratch folder (and those of killed workers) before it is stopped."""
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        _remove_dead_workers_scratch()
 
     def run_item(self, index: int, coords: Sequence[int]) -> tuple[dict, list[bytes]]:
         """The item's manifest record and its images' bytes (the record names them)."""
