@@ -58,20 +58,17 @@ def _engine(args: argparse.Namespace) -> RayEngine | LocalEngine:
     """The Ray engine when asked for (or by default when Ray is installed), else this process with
     the thread count a local Ray worker would have (the same images either way)."""
     for flag in ("workers", "cpus_per_worker", "gpus_per_worker"):
-        value = getattr(args, flag, None)
+        value = getattr(args, flag)
         if value is not None and (value < 0 if flag == "gpus_per_worker" else value <= 0):
             raise SweepError(f"--{flag.replace('_', '-')} must be a positive number, not {value}.")
-    wanted = getattr(args, "engine", "local")
-    address = getattr(args, "address", None)
-    if wanted == "local" or (wanted == "auto" and not ray_installed() and not address):
-        cpus = getattr(args, "cpus_per_worker", None)
-        return LocalEngine(cpus or plan_workers(os.cpu_count() or 1, 0, getattr(args, "workers", None)).cpus)
+    if args.engine == "local" or (args.engine == "auto" and not ray_installed() and not args.address):
+        return LocalEngine(args.cpus_per_worker or plan_workers(os.cpu_count() or 1, 0, args.workers).cpus)
     if not ray_installed():
         raise SweepError(
             "Ray is not installed: `pip install .[batch]` (or `pip install ray`), or run without "
             "--engine ray / --address to render in this process."
         )
-    return RayEngine(address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
+    return RayEngine(args.address, args.workers, args.cpus_per_worker, args.gpus_per_worker)
 
 
 def main(args: argparse.Namespace) -> int:

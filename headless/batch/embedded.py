@@ -112,15 +112,24 @@ class EmbeddedBatch:
         self.images_dir = self.output_dir / IMAGES_DIR
         self.partial_dir = Path(scratch_dir or self.output_dir / PARTIAL_DIR).resolve()
 
+    def record(self, item: Item, workflow: Mapping | None = None, error: str | None = None) -> dict[str, Any]:
+        """An item's manifest record before its outcome: its values and workflow hash (`error` given:
+        recorded as failed, for an item that never reached a runner)."""
+        workflow = workflow if workflow is not None else item_workflow(self.workflow, self.targets, item)
+        values = item_values(self.targets, item)
+        record: dict[str, Any] = {"values": values, "workflow_sha256": workflow_hash(workflow)}
+        if error is not None:
+            record.update(status="failed", error=error)
+        return record
+
     def run_item(self, item: Item, keep: Keep | None = None) -> dict:
         """Run one item; its manifest record (done with images, or failed with the error). `keep`
         takes the finished image files before the scratch folder goes (default: renamed into
         `images/`); a Ray worker reads them instead, to send them to the machine running the batch."""
         workflow = item_workflow(self.workflow, self.targets, item)
-        values = item_values(self.targets, item)
-        record: dict[str, Any] = {"values": values, "workflow_sha256": workflow_hash(workflow)}
+        record = self.record(item, workflow)
         record["threads"] = torch.get_num_threads()  # `cli.py run --threads N` gives the same image
-        sweep = {"index": item.index, "values": values}
+        sweep = {"index": item.index, "values": record["values"]}
         extra = {"workflow": workflow, SWEEP_KEY: sweep} if is_ui_workflow(workflow) else {SWEEP_KEY: sweep}
         scratch = self.partial_dir / f"{item.index:05}"
         shutil.rmtree(scratch, ignore_errors=True)

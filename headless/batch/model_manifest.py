@@ -44,10 +44,13 @@ def prompt_strings(prompt: Mapping[str, Mapping], targets: Iterable[Any] = ()) -
 
 
 def _files_under(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
-    if len(files) > MAX_FOLDER_FILES:
-        raise ValueError(f"{folder} holds more than {MAX_FOLDER_FILES} files; it is not a model folder.")
-    return files
+    files = []
+    for path in folder.rglob("*"):  # stops at the bound, not after listing a huge tree
+        if path.is_file():
+            files.append(path)
+            if len(files) > MAX_FOLDER_FILES:
+                raise ValueError(f"{folder} holds over {MAX_FOLDER_FILES} files; it is not a model folder.")
+    return sorted(files)
 
 
 def _named_path(folder: str, name: str) -> Path | None:

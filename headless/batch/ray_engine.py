@@ -24,9 +24,8 @@ from typing import Any, TextIO
 from ...nodes import comfy_host
 from . import ray_actor
 from .embedded import EmbeddedBatch, OnRecord
-from .manifest import workflow_hash
 from .model_manifest import file_manifest, prompt_strings
-from .sweep import Item, base_prompt, item_values, item_workflow
+from .sweep import Item, base_prompt
 from .worker import PACK_ROOT, worker_config
 
 # CPU workers: one per this many cores (a torch process gains little past 8 threads on one image).
@@ -322,11 +321,11 @@ class RayEngine:
                 if deaths[item.index] == 1:
                     queue.add(worker.group, item, first=True)
                 else:
-                    on_record(item, _failed(batch, item, "the worker process died twice running it"))
+                    on_record(item, batch.record(item, error="the worker process died twice running it"))
                 running[worker.actor.check.remote()] = (worker, None)  # Ray restarts it
                 continue
             except ray.exceptions.RayError as exc:  # a bug in the worker's code, not the item's
-                record, blobs = _failed(batch, item, _short(exc)), []
+                record, blobs = batch.record(item, error=_short(exc)), []
             worker.busy = False
             if record["status"] == "done":
                 batch.store(record["images"], blobs)
@@ -341,16 +340,6 @@ def _upstream_axes(batch: EmbeddedBatch) -> list[int]:
     worker that keeps these values keeps its loaded models."""
     deepest = max(t.depth for t in batch.targets)
     return [a for a, t in enumerate(batch.targets) if t.depth < deepest]
-
-
-def _failed(batch: EmbeddedBatch, item: Item, error: str) -> dict:
-    workflow = item_workflow(batch.workflow, batch.targets, item)
-    return {
-        "values": item_values(batch.targets, item),
-        "workflow_sha256": workflow_hash(workflow),
-        "status": "failed",
-        "error": error,
-    }
 
 
 def _short(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ before, and independently of, importing the pack.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import socket
@@ -33,22 +34,9 @@ MODELS_ENV = "DIFFUSERS_ADAPTERS_BATCH_MODELS"
 SCRATCH_PREFIX = "diffusers-adapters-batch-"  # + pid: a worker's scratch folder in the temp folder
 
 
-def target_data(target: Target) -> dict[str, Any]:
-    """A Target as plain data."""
-    axis = target.axis
-    return {
-        "axis": [axis.node, axis.input, list(axis.values)],
-        "node_id": target.node_id,
-        "position": target.position,
-        "depth": target.depth,
-        "values": list(target.values),
-    }
-
-
 def target_from_data(data: Mapping[str, Any]) -> Target:
-    node, name, values = data["axis"]
-    axis = Axis(node, name, tuple(values))
-    return Target(axis, data["node_id"], data["position"], data["depth"], tuple(data["values"]))
+    """A Target from `dataclasses.asdict(target)`."""
+    return Target(**{**data, "axis": Axis(**data["axis"])})
 
 
 def worker_config(
@@ -63,7 +51,7 @@ def worker_config(
     """Everything a worker needs, as plain data."""
     return {
         "workflow": workflow,
-        "targets": [target_data(t) for t in targets],
+        "targets": [dataclasses.asdict(t) for t in targets],
         "models": str(models),
         "input": str(input_dir),
         "names": sorted(names),
