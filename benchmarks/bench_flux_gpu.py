@@ -53,22 +53,17 @@ import statistics
 import string
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 START = time.perf_counter()  # --time-limit counts from here: importing torch and diffusers takes seconds
-os.environ.setdefault("DIFFUSERS_ADAPTERS_QUIET", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-warnings.filterwarnings("ignore")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _pack import SD15_TEXT, pack_module, quiet_offline  # noqa: E402
+
+quiet_offline()
 
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _pack import SD15_TEXT, pack_module  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at night, storm, photo"
 SEED, GUIDANCE = 7, 3.5
