@@ -110,6 +110,14 @@ def test_file_manifest_names_the_files_and_caches_hashes(tmp_path, monkeypatch):
         second = model_manifest.file_manifest(names, worker.PACK_ROOT)
         problems = model_manifest.differences(first, second)
         assert len(problems) == 1 and problems[0].startswith(f"loras/{demo.DEMO_LORA} differs")
+        # a same-size replacement with its modification time put back (rsync -t, cp -p) is seen too
+        stat = lora.stat()
+        data = bytearray(lora.read_bytes())
+        data[100] ^= 1
+        lora.write_bytes(bytes(data))
+        os.utime(lora, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        third = model_manifest.file_manifest(names, worker.PACK_ROOT)
+        assert third[f"loras/{demo.DEMO_LORA}"]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
         del second["input/face.png"]
         assert "input/face.png is missing" in model_manifest.differences(first, second)
     finally:

@@ -3,7 +3,7 @@ computed once on the machine that starts the batch and again by every worker, wh
 what it sees differs (a worker rendering with another LoRA file would give other images silently).
 
 Only files the sweep's workflows name are hashed, not whole model folders (hundreds of GB on a real
-install). Hashes are cached per file path, size and modification time
+install). Hashes are cached per file path and file stamp (what identifies one version of a file)
 (`~/.cache/comfyui-diffusers-adapters/sha256.json`, or the folder in DIFFUSERS_ADAPTERS_CACHE), so a
 worker that restarts, or the next batch, reads a multi-GB checkpoint again only when it changed.
 """
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ...loaders.file_stamps import file_stamp
 from ...nodes import comfy_host
 from .manifest import write_json_atomic
 
@@ -104,7 +105,8 @@ def _cache_path() -> Path:
 
 
 class HashCache:
-    """SHA-256 of files keyed by absolute path, valid while size and modification time match."""
+    """SHA-256 of files keyed by absolute path, valid while the file's stamp (loaders.file_stamps:
+    inode, size, times and a content sample; catches a same-size copy with its time kept) matches."""
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or _cache_path()
@@ -113,23 +115,24 @@ class HashCache:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if isinstance(data, dict) and len(data) <= MAX_CACHE_ENTRIES:
-                self.entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 3}
+                self.entries = {k: v for k, v in data.items() if isinstance(v, list) and len(v) == 2}
         except (OSError, ValueError, RecursionError):
             pass  # no cache yet, or a damaged one: hashed afresh
 
     def digest(self, path: Path) -> tuple[int, str]:
-        stat = path.stat()
-        key = str(path.resolve())
+        stamp = file_stamp(path.resolve())
+        key, version = stamp[0], list(stamp[1:])
+        size = stamp[3]
         cached = self.entries.get(key)
-        if cached and cached[0] == stat.st_size and cached[1] == stat.st_mtime_ns:
-            return stat.st_size, cached[2]
+        if cached and cached[0] == version:
+            return size, cached[1]
         sha = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(CHUNK):
                 sha.update(chunk)
-        self.entries[key] = [stat.st_size, stat.st_mtime_ns, sha.hexdigest()]
+        self.entries[key] = [version, sha.hexdigest()]
         self.changed = True
-        return stat.st_size, sha.hexdigest()
+        return size, sha.hexdigest()
 
     def save(self) -> None:
         if not self.changed:
