@@ -281,26 +281,66 @@ def median(xs):
 
 
 # ================================================================ weight sharing (CPU)
-def share_unet_weights(pack_unet, comfy_model, unet_to_ldm) -> int:
-    """Point the pack's UNet parameters at ComfyUI's UNet tensors (same names via the ldm layout, same
-    shapes and dtypes, equal values checked on every tensor before anything is shared)."""
+UNET_PREFIX = "model.diffusion_model."  # the checkpoint's UNet keys (converters.checkpoint_layout.UNET)
+
+
+def check_comfy_unet_matches_file(comfy_model, path: Path) -> int:
+    """ComfyUI's UNet tensors hold the file's values, compared one tensor at a time (memory-light).
+    Returns the number of tensors compared."""
     import torch
+    from safetensors import safe_open
 
     diffusion = comfy_model.model.diffusion_model
-    mapping = unet_to_ldm(dict(pack_unet.named_parameters()))
-    pairs = []
-    for ldm_name, pack_param in mapping.items():
-        comfy_param = diffusion.get_parameter(ldm_name)
-        if comfy_param.shape != pack_param.shape or comfy_param.dtype != pack_param.dtype:
-            raise RuntimeError(
-                f"cannot share {ldm_name}: {tuple(comfy_param.shape)} vs {tuple(pack_param.shape)}"
-            )
-        if not torch.equal(comfy_param.data, pack_param.data):
-            raise RuntimeError(f"cannot share {ldm_name}: the two sides hold different values")
-        pairs.append((pack_param, comfy_param))
-    for pack_param, comfy_param in pairs:
-        pack_param.data = comfy_param.data
-    return len(pairs)
+    count = 0
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        for key in f.keys():
+            if not key.startswith(UNET_PREFIX):
+                continue
+            ours = diffusion.get_parameter(key[len(UNET_PREFIX) :])
+            theirs = f.get_tensor(key)
+            if ours.shape != theirs.shape or ours.dtype != theirs.dtype or not torch.equal(ours, theirs):
+                raise RuntimeError(f"cannot share {key}: ComfyUI's tensor differs from the file's")
+            count += 1
+    return count
+
+
+@contextlib.contextmanager
+def unet_from_comfyui(base_models, comfy_model):
+    """While the pack loads the checkpoint, its reads of UNet tensors return ComfyUI's tensors (checked
+    equal to the file's by `check_comfy_unet_matches_file`) instead of fresh copies: the pack builds
+    its modules by assignment, so its UNet then uses the same memory. Two fp32 SDXL models (about
+    14 GB each) do not fit beside each other in 23 GB; a copy made after loading would need both at
+    once. The arithmetic is unchanged: the same values in the same dtype."""
+    diffusion = comfy_model.model.diffusion_model
+    original = base_models.open_model_file
+
+    def open_sharing(path):
+        file = original(path)
+        read = file.read
+
+        def read_sharing(keys):
+            keys = list(keys)
+            out = read([k for k in keys if not k.startswith(UNET_PREFIX)])
+            for k in keys:
+                if k.startswith(UNET_PREFIX):
+                    out[k] = diffusion.get_parameter(k[len(UNET_PREFIX) :]).detach()
+            return out
+
+        file.read = read_sharing
+        return file
+
+    base_models.open_model_file = open_sharing
+    try:
+        yield
+    finally:
+        base_models.open_model_file = original
+
+
+def shared_tensor_count(pack_unet, comfy_model) -> tuple[int, int]:
+    """(pack UNet parameters on ComfyUI's memory, all pack UNet parameters)."""
+    theirs = {p.data_ptr() for p in comfy_model.model.diffusion_model.parameters()}
+    params = list(pack_unet.parameters())
+    return sum(p.data_ptr() in theirs for p in params), len(params)
 
 
 def compare_images(comfy_side, pack_side, steps: int) -> None:
@@ -344,15 +384,17 @@ def bench_family(family: str, args, comfy, pack, workdir: Path) -> dict:
     )
     t0 = time.perf_counter()
     pack_dtype = "fp16" if device == "cuda" else "fp32"
-    handle, info = pack["LoadDreamBooth"]().load(path.name, pack_dtype, device)["result"][:2]
+    sharing = contextlib.nullcontext()
+    if device == "cpu":
+        checked = check_comfy_unet_matches_file(comfy_side.model, path)
+        print(f"CPU: ComfyUI's {checked} UNet tensors equal the file's", flush=True)
+        sharing = unet_from_comfyui(pack["base_models"], comfy_side.model)
+    with sharing:
+        handle, info = pack["LoadDreamBooth"]().load(path.name, pack_dtype, device)["result"][:2]
     print(f"pack loaded it in {time.perf_counter() - t0:.1f} s: {info.splitlines()[0]}", flush=True)
     if device == "cpu":
-        shared = share_unet_weights(handle.base.pipe.unet, comfy_side.model, pack["unet_to_ldm"])
-        gc.collect()
-        print(
-            f"CPU: the pack's UNet shares ComfyUI's {shared} UNet weight tensors (equal values checked)",
-            flush=True,
-        )
+        shared, total = shared_tensor_count(handle.base.pipe.unet, comfy_side.model)
+        print(f"CPU: the pack's UNet uses ComfyUI's memory for {shared} of {total} parameters", flush=True)
 
     variants = [v for v in args.variants.split(",") if v]
     if device == "cpu" and "channels_last" in variants:
@@ -563,7 +605,6 @@ def main(argv=None) -> int:
         "LoadDreamBooth": pack_module("nodes.load_dreambooth").LoadDreamBooth,
         "comfy_host": comfy_host,
         "base_models": pack_module("loaders.base_models"),
-        "unet_to_ldm": pack_module("devtools.ldm_export").unet_to_ldm,
         "fullsize": _fullsize,
     }
     comfy = {"nodes": nodes, "mm": mm, "folder_paths": folder_paths}
