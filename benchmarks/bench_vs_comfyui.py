@@ -30,10 +30,10 @@ Defaults: euler, normal schedule, cfg 7, batch 1. CUDA: 20 steps, SD1.5 512x512,
 pack in fp16 and ComfyUI at its own default dtypes. CPU: 1 torch thread (--threads), fp32 on both
 sides (ComfyUI's CPU default; bf16 and fp16 matrix products run 30x slower than fp32 on CPUs without
 native bf16/fp16, such as this project's AVX2 machines); SD1.5 256x256 at 4 steps, SDXL 128x128 at 2
-steps (an SDXL step at 256x256 takes minutes on 2 shared cores). On the CPU the pack's UNet uses
-ComfyUI's UNet weight tensors (the same values, read from the same file, in the same dtype: the
-arithmetic is unchanged), because two fp32 SDXL models (about 14 GB each) do not fit beside each
-other in 23 GB; on a GPU each side keeps its own weights.
+steps (SDXL at 256x256 and 4 steps: about 52 s per image and side on one thread). On the CPU the
+pack's UNet uses ComfyUI's UNet weight tensors (the same values, read from the same file, in the same
+dtype: the arithmetic is unchanged), because two fp32 SDXL models (about 14 GB each) do not fit beside
+each other in 23 GB; on a GPU each side keeps its own weights.
 
 `--variants` runs the pack side several ways in the same alternation, to test candidate speed-ups
 (see VARIANTS). Variants that change weights (fused QKV projections) are left out: the LoRA patcher
@@ -517,10 +517,13 @@ def profile_family(family: str, sides, args, steps: int) -> None:
         events = prof.key_averages()
         device_us = sum(e.self_device_time_total for e in events) if cuda else 0
         cpu_us = sum(e.self_cpu_time_total for e in events)
+        # Host work per image: on a fast GPU each dispatched op costs host time the GPU may wait for.
+        aten_calls = sum(e.count for e in events if e.key.startswith("aten::"))
         head = (
             f"== {family} {side.name}: one image, {args.profile} steps, wall {wall * 1e3:.1f} ms (profiled), "
             f"device time {device_us / 1e3:.1f} ms (sum of kernels: "
-            f"{100 * device_us / 1e3 / (wall * 1e3):.0f}% of wall), host ops self time {cpu_us / 1e3:.1f} ms"
+            f"{100 * device_us / 1e3 / (wall * 1e3):.0f}% of wall), host ops self time {cpu_us / 1e3:.1f} ms,"
+            f" aten op calls {aten_calls}"
         )
         print(head, flush=True)
         lines += [head, events.table(sort_by=sort, row_limit=args.profile_rows, max_name_column_width=70), ""]
