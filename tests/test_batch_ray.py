@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,34 @@ def test_a_plan_the_cluster_cannot_place_is_refused():
         ray_engine.plan_workers(2, 0, workers=3, cpus_per_worker=1)
     with pytest.raises(ray_engine.BatchClusterError, match="GPU"):
         ray_engine.plan_workers(8, 1, workers=2, gpus_per_worker=1)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_head_address_where_nothing_listens_is_refused_at_once():
+    port = _closed_port()
+    with pytest.raises(ray_engine.BatchClusterError, match=f"Nothing answers at 127.0.0.1:{port}"):
+        ray_engine.probe_head(f"127.0.0.1:{port}")
+    with socket.socket() as server:  # a listening port passes; 'auto' and ray:// are Ray's to check
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        ray_engine.probe_head(f"127.0.0.1:{server.getsockname()[1]}")
+    ray_engine.probe_head("auto")
+    ray_engine.probe_head(f"ray://127.0.0.1:{port}")
+
+
+@needs_ray
+def test_joining_a_silent_head_fails_before_ray_is_started():
+    import ray
+
+    engine = ray_engine.RayEngine(address=f"127.0.0.1:{_closed_port()}")
+    with pytest.raises(ray_engine.BatchClusterError, match="ray start --head"):
+        engine._connect(ray)
+    assert not ray.is_initialized()
 
 
 def test_the_queue_keeps_a_worker_on_its_group():

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import math
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,8 @@ DEFAULT_CPUS_PER_WORKER = 8
 MAX_RESTARTS = 4
 PACK_NAME = __name__.split(".")[0]
 CLOSE_TIMEOUT_S = 10  # for workers to remove their scratch folders at the end
+# Ray retries a silent head for minutes before it gives up; a plain TCP connect says it in seconds.
+HEAD_PROBE_TIMEOUT_S = 5
 
 
 class BatchClusterError(RuntimeError):
@@ -132,6 +135,22 @@ def _ray() -> Any:
     return ray
 
 
+def probe_head(address: str) -> None:
+    """A HOST:PORT address must answer a TCP connect (Ray's head listens there) before Ray is asked
+    to join it. 'auto' and 'ray://' addresses are left to Ray."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=HEAD_PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise BatchClusterError(
+            f"Nothing answers at {address} ({exc.strerror or type(exc).__name__}): is `ray start --head` "
+            "running there, and is the port open to this machine? Run without --address for a local "
+            "Ray, or --engine local."
+        ) from None
+
+
 class RayEngine:
     """Runs a batch's items on Ray actors (see the module doc)."""
 
@@ -157,6 +176,8 @@ class RayEngine:
         """Join the cluster (or start a local one); True when this call started it."""
         if ray.is_initialized():
             return False
+        if self.address:
+            probe_head(self.address)
         try:
             ray.init(
                 address=self.address or "local",
