@@ -10,7 +10,8 @@
 #   bash benchmarks/device_run.sh            # on the GPU machine, from the repository root
 #   bash benchmarks/device_run.sh --dry-run  # on a CPU: the same stages at tiny sizes
 #
-# It needs, in the ignored folder .device/ (carried to the machine):
+# It needs, in the ignored folder .device/ (carried to the machine; built by
+# `python benchmarks/prepare_device.py --comfyui /path/to/ComfyUI`):
 #   .device/wheels   diffusers 0.42.1, torchsde 0.2.6, trampoline 0.1.2 (py3-none-any wheels; the
 #                    GPU image has torch, transformers, peft, accelerate, safetensors, scipy...)
 #   .device/comfyui  the ComfyUI 0.8.0 modules and data files the benchmark imports
