@@ -88,4 +88,6 @@ else
   stage bench_lora 150 $PY benchmarks/bench_lora.py --device cuda
 fi
 FLUX_S=${FLUX_S:-110}; BUDGET=$((BUDGET + FLUX_S)) stage bench_flux_gpu "$FLUX_S" $PY benchmarks/bench_flux_gpu.py --workdir "${FLUX_WORKDIR:-$WORKDIR/flux}" --time-limit $((FLUX_S - 15)) $([ $DRY = 1 ] && echo --dry-run)  # issue 15: own FLUX_S s, FLUX_WORKDIR (29 GB)
+# The device tool brings back at most 8 files: the stage logs and profile tables travel as one archive.
+(cd "$OUT" && ls ./*.txt >/dev/null 2>&1 && tar czf logs.tar.gz ./*.txt && rm -f ./*.txt)
 echo "== done at $(elapsed) s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
