@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..nodes import comfy_host
-from .ui_workflow import WorkflowError, WorkflowFormatError, is_combo, is_ui_workflow, specs_of, ui_to_api
+from .ui_workflow import (
+    WorkflowError,
+    WorkflowFormatError,
+    is_combo,
+    is_ui_workflow,
+    one_line,
+    specs_of,
+    ui_to_api,
+)
 from .workflow_file import check_workflow, is_link, load_workflow, normalized_api_prompt, parse_workflow
 
 log = logging.getLogger(__name__)
@@ -42,8 +50,12 @@ class WorkflowValidationError(WorkflowError):
     """The workflow failed validation; `problems` lists one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("The workflow is not valid:\n" + "\n".join(f"- {p}" for p in self.shown()))
+        self.problems = [one_line(p) for p in problems]
+        # One line per problem: Exception's own __init__, not WorkflowError's one-line message.
+        Exception.__init__(self, "The workflow is not valid:\n" + "\n".join(f"- {p}" for p in self.shown()))
+
+    def __reduce__(self):  # pickled (a Ray worker's error) with its problems, not its text
+        return (type(self), (self.problems,))
 
     def shown(self, limit: int = MAX_PROBLEMS_SHOWN, width: int = MAX_PROBLEM_CHARS) -> list[str]:
         """The problems to show: the first `limit`, each cut to `width` characters (a workflow of

@@ -39,8 +39,19 @@ VIRTUAL_TYPES = NOTE_TYPES | {REROUTE, PRIMITIVE}
 MAX_NODES = 10_000
 
 
+def one_line(text: str) -> str:
+    """`text` with each character that does not print (line breaks, tabs, controls) written as its
+    escape: node ids, node types and input names come from the workflow and end up in messages."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class WorkflowError(Exception):
-    """A workflow that cannot be converted, validated or run; the message names the node."""
+    """A workflow that cannot be converted, validated or run; one line naming the node."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(one_line(str(message)))
 
 
 class WorkflowFormatError(WorkflowError):

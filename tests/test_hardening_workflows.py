@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfyui_diffusers_adapters.headless.runner import WorkflowError, WorkflowRunner
+from comfyui_diffusers_adapters.headless.runner import WorkflowError, WorkflowRunner, WorkflowValidationError
 from comfyui_diffusers_adapters.headless.standin_nodes import STANDIN_NODE_CLASS_MAPPINGS
 from comfyui_diffusers_adapters.headless.ui_workflow import ui_to_api
 
@@ -266,6 +267,34 @@ def test_the_runner_refuses_the_same_in_process(folders):
         ui_to_api(ui([{"type": "SaveImage"}], []), NODES)
     # a later valid run works
     assert runner.run(load_save())["2"]["ui"]["images"][0]["filename"] == "x_00001_.png"
+
+
+def test_names_with_line_breaks_or_controls_stay_on_one_line(folders):
+    """Node ids, types and input names come from the file: the hypothesis fuzz found a node id "\\n"
+    and an input named "\\n" printed raw, splitting the one-line message."""
+    runner = WorkflowRunner(NODES)
+    cases = {
+        "Node \\n is a null": {"\n": None},
+        "input '\\n' is a bad link": {"2": {"class_type": "SaveImage", "inputs": {"\n": []}}},
+        "Node a\\x00b": {"a\x00b": {"class_type": "SaveImage"}},
+        "unknown node type": {"9": {"class_type": "No\u2028Such", "inputs": {}}},
+    }
+    for expected, bad in cases.items():
+        with pytest.raises(WorkflowError) as caught:
+            runner.run(bad)
+        text = str(caught.value)
+        assert expected in text and text.isprintable() or text.startswith("The workflow is not valid:\n")
+        for line in text.splitlines():
+            assert line.isprintable(), repr(line)
+
+
+def test_a_validation_error_pickles_with_its_problems():
+    """A Ray worker's error crosses to the driver pickled: the problems must survive, not its text."""
+    error = WorkflowValidationError(["Node 3: first\nproblem", "Node 4: second"])
+    again = pickle.loads(pickle.dumps(error))
+    assert again.problems == ["Node 3: first\\nproblem", "Node 4: second"] == error.problems
+    expected = "The workflow is not valid:\n- Node 3: first\\nproblem\n- Node 4: second"
+    assert str(again) == str(error) == expected
 
 
 def test_integer_node_ids_in_process_are_names(folders):
