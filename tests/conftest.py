@@ -8,8 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 ROOT = Path(__file__).resolve().parents[1]
+# CI (.ci/run sets HYPOTHESIS_PROFILE=ci) runs the same fuzz examples every time: whether a change
+# lands must not depend on what a random search happens to find. Other runs keep searching afresh.
+settings.register_profile("ci", derandomize=True, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 PACK_NAME = "comfyui_diffusers_adapters"
 os.environ.setdefault("DIFFUSERS_ADAPTERS_QUIET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
