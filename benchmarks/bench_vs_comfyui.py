@@ -281,12 +281,9 @@ def median(xs):
 
 
 # ================================================================ weight sharing (CPU)
-UNET_PREFIX = "model.diffusion_model."  # the checkpoint's UNet keys (converters.checkpoint_layout.UNET)
-
-
-def check_comfy_unet_matches_file(comfy_model, path: Path) -> int:
-    """ComfyUI's UNet tensors hold the file's values, compared one tensor at a time (memory-light).
-    Returns the number of tensors compared."""
+def check_comfy_unet_matches_file(comfy_model, path: Path, prefix: str) -> int:
+    """ComfyUI's UNet tensors hold the file's values (the keys under `prefix`), compared one tensor at
+    a time (memory-light). Returns the number of tensors compared."""
     import torch
     from safetensors import safe_open
 
@@ -294,9 +291,9 @@ def check_comfy_unet_matches_file(comfy_model, path: Path) -> int:
     count = 0
     with safe_open(str(path), framework="pt", device="cpu") as f:
         for key in f.keys():
-            if not key.startswith(UNET_PREFIX):
+            if not key.startswith(prefix):
                 continue
-            ours = diffusion.get_parameter(key[len(UNET_PREFIX) :])
+            ours = diffusion.get_parameter(key[len(prefix) :])
             theirs = f.get_tensor(key)
             if ours.shape != theirs.shape or ours.dtype != theirs.dtype or not torch.equal(ours, theirs):
                 raise RuntimeError(f"cannot share {key}: ComfyUI's tensor differs from the file's")
@@ -305,7 +302,7 @@ def check_comfy_unet_matches_file(comfy_model, path: Path) -> int:
 
 
 @contextlib.contextmanager
-def unet_from_comfyui(base_models, comfy_model):
+def unet_from_comfyui(base_models, comfy_model, prefix: str):
     """While the pack loads the checkpoint, its reads of UNet tensors return ComfyUI's tensors (checked
     equal to the file's by `check_comfy_unet_matches_file`) instead of fresh copies: the pack builds
     its modules by assignment, so its UNet then uses the same memory. Two fp32 SDXL models (about
@@ -320,10 +317,10 @@ def unet_from_comfyui(base_models, comfy_model):
 
         def read_sharing(keys):
             keys = list(keys)
-            out = read([k for k in keys if not k.startswith(UNET_PREFIX)])
+            out = read([k for k in keys if not k.startswith(prefix)])
             for k in keys:
-                if k.startswith(UNET_PREFIX):
-                    out[k] = diffusion.get_parameter(k[len(UNET_PREFIX) :]).detach()
+                if k.startswith(prefix):
+                    out[k] = diffusion.get_parameter(k[len(prefix) :]).detach()
             return out
 
         file.read = read_sharing
@@ -386,9 +383,10 @@ def bench_family(family: str, args, comfy, pack, workdir: Path) -> dict:
     pack_dtype = "fp16" if device == "cuda" else "fp32"
     sharing = contextlib.nullcontext()
     if device == "cpu":
-        checked = check_comfy_unet_matches_file(comfy_side.model, path)
+        prefix = pack["checkpoint_layout"].UNET
+        checked = check_comfy_unet_matches_file(comfy_side.model, path, prefix)
         print(f"CPU: ComfyUI's {checked} UNet tensors equal the file's", flush=True)
-        sharing = unet_from_comfyui(pack["base_models"], comfy_side.model)
+        sharing = unet_from_comfyui(pack["base_models"], comfy_side.model, prefix)
     with sharing:
         handle, info = pack["LoadDreamBooth"]().load(path.name, pack_dtype, device)["result"][:2]
     print(f"pack loaded it in {time.perf_counter() - t0:.1f} s: {info.splitlines()[0]}", flush=True)
@@ -608,6 +606,7 @@ def main(argv=None) -> int:
         "LoadDreamBooth": pack_module("nodes.load_dreambooth").LoadDreamBooth,
         "comfy_host": comfy_host,
         "base_models": pack_module("loaders.base_models"),
+        "checkpoint_layout": pack_module("converters.checkpoint_layout"),
         "fullsize": _fullsize,
     }
     comfy = {"nodes": nodes, "mm": mm, "folder_paths": folder_paths}

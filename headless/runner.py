@@ -247,10 +247,6 @@ class WorkflowRunner:
         self._declared = {}
         return self._validate(prompt)
 
-    def validate_node(self, prompt: dict, node_id: str) -> list[str]:
-        """The problems of one node's inputs as a run would find them (values converted in place)."""
-        return self._validate_node(prompt, node_id)
-
     def _validate(self, prompt: dict) -> list[str]:
         """Validate; returns the node ids to execute in topological order."""
         problems: list[str] = []
@@ -281,7 +277,7 @@ class WorkflowRunner:
 
         order = self._execution_order(prompt, output_ids)
         for node_id in order:
-            problems.extend(self._validate_node(prompt, node_id))
+            problems.extend(self.validate_node(prompt, node_id))
         if problems:
             raise WorkflowValidationError(problems)
         return order
@@ -320,7 +316,8 @@ class WorkflowRunner:
                     order.append(done)
         return order
 
-    def _validate_node(self, prompt: dict, node_id: str) -> list[str]:
+    def validate_node(self, prompt: dict, node_id: str) -> list[str]:
+        """The problems of one node's inputs as a run would find them (values converted in place)."""
         node = prompt[node_id]
         class_type = node["class_type"]
         node_class = self.node_classes[class_type]
